@@ -1,0 +1,74 @@
+// The one binding file: every kernel crosses as raw pointers (uintptr_t) plus shapes, strides, a
+// dtype code and, for CUDA, the stream. The Python side (prefkern.ops.*) validates every argument.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cpu/logprobs.h"
+#include "cpu/parallel.h"
+#ifdef PREFKERN_HAS_CUDA
+#include "cuda/logprobs.h"
+#endif
+
+namespace nb = nanobind;
+using u64 = uintptr_t;
+
+template <class T> static T* ptr(u64 p) { return reinterpret_cast<T*>(p); }
+
+#ifdef PREFKERN_HAS_CUDA
+static void check_cuda(const char* err, const char* what) {
+  if (err) throw std::runtime_error(std::string(what) + ": " + err);
+}
+#endif
+
+NB_MODULE(_native, m) {
+  m.doc() = "prefkern native kernels (C++ on the CPU, CUDA C++ when compiled in)";
+  m.def("omp_threads", &prefkern::omp_max_threads);
+  m.def("has_cuda", []() {
+#ifdef PREFKERN_HAS_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.def("cuda_archs", []() { return std::string(PREFKERN_CUDA_ARCHS); });
+
+  // ---- logprobs ------------------------------------------------------------------------------
+  m.def("logprobs_forward_cpu",
+        [](u64 logits, int dtype, int64_t n, int64_t v, int64_t stride, u64 labels, int64_t ignore,
+           float inv_t, u64 logp, u64 lse) {
+          prefkern::cpu::logprobs_forward(ptr<const void>(logits), dtype, n, v, stride,
+                                          ptr<const int64_t>(labels), ignore, inv_t, ptr<float>(logp),
+                                          ptr<float>(lse));
+        },
+        nb::call_guard<nb::gil_scoped_release>());
+  m.def("logprobs_backward_cpu",
+        [](u64 grad, u64 logits, int dtype, int64_t n, int64_t v, int64_t stride, u64 labels,
+           int64_t ignore, float inv_t, u64 lse, u64 out, int64_t out_stride) {
+          prefkern::cpu::logprobs_backward(ptr<const float>(grad), ptr<const void>(logits), dtype, n, v,
+                                           stride, ptr<const int64_t>(labels), ignore, inv_t,
+                                           ptr<const float>(lse), ptr<void>(out), out_stride);
+        },
+        nb::call_guard<nb::gil_scoped_release>());
+#ifdef PREFKERN_HAS_CUDA
+  m.def("logprobs_forward_cuda",
+        [](u64 logits, int dtype, int64_t n, int64_t v, int64_t stride, u64 labels, int64_t ignore,
+           float inv_t, u64 logp, u64 lse, u64 stream) {
+          check_cuda(prefkern::cuda::logprobs_forward(ptr<const void>(logits), dtype, n, v, stride,
+                                                      ptr<const int64_t>(labels), ignore, inv_t,
+                                                      ptr<float>(logp), ptr<float>(lse), stream),
+                     "logprobs_forward_cuda");
+        });
+  m.def("logprobs_backward_cuda",
+        [](u64 grad, u64 logits, int dtype, int64_t n, int64_t v, int64_t stride, u64 labels,
+           int64_t ignore, float inv_t, u64 lse, u64 out, int64_t out_stride, u64 stream) {
+          check_cuda(prefkern::cuda::logprobs_backward(ptr<const float>(grad), ptr<const void>(logits),
+                                                       dtype, n, v, stride, ptr<const int64_t>(labels),
+                                                       ignore, inv_t, ptr<const float>(lse),
+                                                       ptr<void>(out), out_stride, stream),
+                     "logprobs_backward_cuda");
+        });
+#endif
+}

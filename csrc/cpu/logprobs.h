@@ -1,0 +1,20 @@
+#pragma once
+#include <cstdint>
+
+namespace prefkern::cpu {
+
+// logits: [N, V] in dtype (f32/bf16/f16), element (n, v) at logits + n * row_stride + v.
+// labels: [N] int64, contiguous. Writes logp[N] and lse[N] (fp32) of z = logits * inv_temperature;
+// rows whose label is ignore_index get logp = 0 (their lse is still computed).
+void logprobs_forward(const void* logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride,
+                      const int64_t* labels, int64_t ignore_index, float inv_temperature,
+                      float* logp, float* lse);
+
+// grad_logits[n, v] = grad[n] * inv_temperature * (1[v == label_n] - exp(z[n, v] - lse[n])),
+// zero on ignored rows; grad_logits has the dtype of logits and its own row stride.
+void logprobs_backward(const float* grad, const void* logits, int dtype, int64_t n_rows, int64_t vocab,
+                       int64_t row_stride, const int64_t* labels, int64_t ignore_index,
+                       float inv_temperature, const float* lse, void* grad_logits,
+                       int64_t grad_row_stride);
+
+}  // namespace prefkern::cpu

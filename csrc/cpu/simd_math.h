@@ -1,0 +1,62 @@
+// Scalar building blocks written so that GCC/Clang vectorise the loops that call them:
+// storage-dtype conversion and an exp with ~1 ulp error and no branches.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace prefkern {
+
+enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
+
+inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+inline float load_as_float(const float* p) { return *p; }
+inline float load_as_float(const uint16_t* p, DType t) {
+  uint32_t h = *p;
+  if (t == DType::bf16) return bits_to_float(h << 16);
+  // IEEE half: shift the exponent/mantissa into place, rescale by 2^112 (handles subnormals too).
+  uint32_t sign = (h & 0x8000u) << 16;
+  uint32_t em = h & 0x7fffu;
+  float mag = bits_to_float(em << 13) * 0x1p112f;
+  uint32_t inf_nan = 0x7f800000u | (em << 13);
+  uint32_t bits = em >= 0x7c00u ? inf_nan : float_to_bits(mag);
+  return bits_to_float(bits | sign);
+}
+
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u = float_to_bits(f);
+  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(std::isnan(f) ? 0x7fc0u : rounded);
+}
+
+inline uint16_t float_to_f16(float f) {
+  _Float16 h = static_cast<_Float16>(f);
+  uint16_t out; std::memcpy(&out, &h, 2);
+  return out;
+}
+
+// exp(x) for x <= 0 in practice (arguments are z - max); exact 0 below the fp32 range, +inf above.
+inline float exp_nonpos(float x) {
+  const float log2e = 1.44269504088896341f;
+  const float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+  float xc = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+  float n = std::nearbyint(xc * log2e);
+  float r = xc - n * ln2_hi - n * ln2_lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  float scale = bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  float y = p * scale;
+  y = x < -87.3f ? 0.0f : y;
+  y = x > 88.7f ? INFINITY : y;
+  return x != x ? x : y;
+}
+
+}  // namespace prefkern

@@ -1,0 +1,33 @@
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace prefkern::cuda {
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+template <class T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+
+// Running (max, sum of exp(x - max)) pair of an online log-sum-exp, merged across threads.
+struct MaxSum {
+  float m, s;
+};
+__device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
+  float m = fmaxf(a.m, b.m);
+  if (m == -INFINITY) return {m, 0.f};
+  return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
+}
+
+}  // namespace prefkern::cuda
+
+#define PREFKERN_DISPATCH_DTYPE(dtype, T, ...)        \
+  switch (dtype) {                                    \
+    case 0: { using T = float; __VA_ARGS__; break; }  \
+    case 1: { using T = __nv_bfloat16; __VA_ARGS__; break; } \
+    default: { using T = __half; __VA_ARGS__; break; } \
+  }

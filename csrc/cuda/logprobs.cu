@@ -1,0 +1,108 @@
+#include "cuda/logprobs.h"
+
+#include <cuda_runtime.h>
+
+#include "cuda/dtype.cuh"
+
+namespace prefkern::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kBackwardChunk = 4096;  // vocabulary entries per block in backward
+
+__device__ __forceinline__ MaxSum block_merge(MaxSum v) {
+  __shared__ MaxSum warp_part[kThreads / 32];
+  for (int off = 16; off > 0; off >>= 1) {
+    MaxSum o{__shfl_xor_sync(0xffffffffu, v.m, off), __shfl_xor_sync(0xffffffffu, v.s, off)};
+    v = merge(v, o);
+  }
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_part[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kThreads / 32 ? warp_part[lane] : MaxSum{-INFINITY, 0.f};
+    for (int off = 16; off > 0; off >>= 1) {
+      MaxSum o{__shfl_xor_sync(0xffffffffu, v.m, off), __shfl_xor_sync(0xffffffffu, v.s, off)};
+      v = merge(v, o);
+    }
+  }
+  return v;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) logprobs_forward_kernel(
+    const T* __restrict__ logits, int64_t vocab, int64_t row_stride, const int64_t* __restrict__ labels,
+    int64_t ignore_index, float scale, float* __restrict__ logp, float* __restrict__ lse) {
+  const int64_t n = blockIdx.x;
+  const T* row = logits + n * row_stride;
+  MaxSum acc{-INFINITY, 0.f};
+  for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
+    float z = to_float(row[v]) * scale;
+    if (z > acc.m) {
+      acc.s = acc.s * __expf(acc.m - z) + 1.f;
+      acc.m = z;
+    } else {
+      acc.s += __expf(z - acc.m);
+    }
+  }
+  acc = block_merge(acc);
+  if (threadIdx.x == 0) {
+    float l = acc.m + logf(acc.s);
+    lse[n] = l;
+    int64_t y = labels[n];
+    logp[n] = y == ignore_index ? 0.f : to_float(row[y]) * scale - l;
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) logprobs_backward_kernel(
+    const float* __restrict__ grad, const T* __restrict__ logits, int64_t vocab, int64_t row_stride,
+    const int64_t* __restrict__ labels, int64_t ignore_index, float scale, const float* __restrict__ lse,
+    T* __restrict__ out, int64_t out_stride, int64_t chunks_per_row) {
+  const int64_t n = blockIdx.x / chunks_per_row;
+  const int64_t v0 = (blockIdx.x % chunks_per_row) * kBackwardChunk;
+  const int64_t v1 = min(vocab, v0 + kBackwardChunk);
+  const int64_t y = labels[n];
+  const float gs = y == ignore_index ? 0.f : grad[n] * scale;
+  const float l = lse[n];
+  const T* row = logits + n * row_stride;
+  T* orow = out + n * out_stride;
+  for (int64_t v = v0 + threadIdx.x; v < v1; v += kThreads) {
+    float p = gs == 0.f ? 0.f : __expf(to_float(row[v]) * scale - l);
+    orow[v] = from_float<T>(gs * ((v == y ? 1.f : 0.f) - p));
+  }
+}
+
+const char* status(cudaError_t err) { return err == cudaSuccess ? nullptr : cudaGetErrorString(err); }
+
+}  // namespace
+
+const char* logprobs_forward(const void* logits, int dtype, int64_t n_rows, int64_t vocab,
+                             int64_t row_stride, const int64_t* labels, int64_t ignore_index,
+                             float inv_temperature, float* logp, float* lse, uintptr_t stream) {
+  if (n_rows == 0) return nullptr;
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  PREFKERN_DISPATCH_DTYPE(dtype, T,
+      logprobs_forward_kernel<T><<<static_cast<unsigned>(n_rows), kThreads, 0, s>>>(
+          static_cast<const T*>(logits), vocab, row_stride, labels, ignore_index, inv_temperature,
+          logp, lse));
+  return status(cudaGetLastError());
+}
+
+const char* logprobs_backward(const float* grad, const void* logits, int dtype, int64_t n_rows,
+                              int64_t vocab, int64_t row_stride, const int64_t* labels,
+                              int64_t ignore_index, float inv_temperature, const float* lse,
+                              void* grad_logits, int64_t grad_row_stride, uintptr_t stream) {
+  if (n_rows == 0 || vocab == 0) return nullptr;
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  int64_t chunks = (vocab + kBackwardChunk - 1) / kBackwardChunk;
+  int64_t blocks = n_rows * chunks;
+  if (blocks > 0x7fffffffLL) return "logprobs_backward: too many rows for one launch";
+  PREFKERN_DISPATCH_DTYPE(dtype, T,
+      logprobs_backward_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
+          grad, static_cast<const T*>(logits), vocab, row_stride, labels, ignore_index,
+          inv_temperature, lse, static_cast<T*>(grad_logits), grad_row_stride, chunks));
+  return status(cudaGetLastError());
+}
+
+}  // namespace prefkern::cuda
