@@ -17,31 +17,32 @@ namespace prefkern::cpu {
 namespace {
 
 constexpr int64_t kBlock = 2048;  // fp32 scratch of 8 KiB stays in L1 between the two passes
+constexpr int kLanes = 16;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-template <class T>
-inline void load_block(const T* src, int64_t count, float scale, DType dt, float* dst) {
-  if constexpr (std::is_same_v<T, float>) {
-    for (int64_t i = 0; i < count; ++i) dst[i] = src[i] * scale;
-  } else {
-    for (int64_t i = 0; i < count; ++i) dst[i] = load_as_float(src + i, dt) * scale;
-  }
-}
-
-// Online log-sum-exp over one row: each block is converted into L1 scratch once, then reduced twice
-// (max, then sum of exp) from there, so memory sees a single read of the row.
-template <class T>
-PREFKERN_CLONES float row_logsumexp(const T* row, int64_t vocab, float scale, DType dt, float* scratch) {
-  float m = -std::numeric_limits<float>::infinity();
-  float s = 0.0f;
+// Online log-sum-exp over one row: each block is converted into L1 scratch once (with its max),
+// then summed from there, so memory sees a single read of the row.
+template <class D>
+PREFKERN_CLONES float row_logsumexp(const typename D::storage* row, int64_t vocab, float scale,
+                                    float* scratch) {
+  float m = kNegInf, s = 0.0f;
   for (int64_t v0 = 0; v0 < vocab; v0 += kBlock) {
     int64_t count = std::min(kBlock, vocab - v0);
-    load_block(row + v0, count, scale, dt, scratch);
-    float bm = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < count; ++i) bm = std::max(bm, scratch[i]);
-    if (bm == -std::numeric_limits<float>::infinity()) continue;
+    float bm = kNegInf;
+    for (int64_t i = 0; i < count; ++i) {
+      scratch[i] = D::load(row[v0 + i]) * scale;
+      bm = std::max(bm, scratch[i]);
+    }
+    if (bm == kNegInf) continue;
     float nm = std::max(m, bm);
+    // Lane-wise partial sums: a plain float reduction would not vectorise without -ffast-math.
+    float lanes[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= count; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) lanes[j] += exp_nonpos(scratch[i + j] - nm);
     float bs = 0.0f;
-    for (int64_t i = 0; i < count; ++i) bs += exp_nonpos(scratch[i] - nm);
+    for (; i < count; ++i) bs += exp_nonpos(scratch[i] - nm);
+    for (int j = 0; j < kLanes; ++j) bs += lanes[j];
     s = s * exp_nonpos(m - nm) + bs;
     m = nm;
   }
@@ -49,67 +50,46 @@ PREFKERN_CLONES float row_logsumexp(const T* row, int64_t vocab, float scale, DT
   return m + std::log(s);
 }
 
-template <class T, class Store>
-PREFKERN_CLONES void row_grad(const T* row, int64_t vocab, float scale, DType dt, float lse, float g,
-                              Store store) {
+// out[v] = -g * scale * softmax_v, rounded once to the storage dtype (the label entry is fixed up after).
+template <class D>
+PREFKERN_CLONES void row_grad(const typename D::storage* row, int64_t vocab, float scale, float lse,
+                              float g, typename D::storage* out) {
   float gs = g * scale;
-  for (int64_t v = 0; v < vocab; ++v) {
-    float z;
-    if constexpr (std::is_same_v<T, float>) z = row[v] * scale; else z = load_as_float(row + v, dt) * scale;
-    store(v, -gs * exp_nonpos(z - lse));
-  }
+  for (int64_t v = 0; v < vocab; ++v) out[v] = D::store(-gs * exp_nonpos(D::load(row[v]) * scale - lse));
 }
 
-template <class T>
-void forward_impl(const T* logits, DType dt, int64_t n_rows, int64_t vocab, int64_t row_stride,
+template <class D>
+void forward_impl(const typename D::storage* logits, int64_t n_rows, int64_t vocab, int64_t row_stride,
                   const int64_t* labels, int64_t ignore_index, float scale, float* logp, float* lse) {
   parallel_for_rows(n_rows, vocab, [&](int64_t begin, int64_t end) {
     alignas(64) float scratch[kBlock];
     for (int64_t n = begin; n < end; ++n) {
-      const T* row = logits + n * row_stride;
-      float l = row_logsumexp(row, vocab, scale, dt, scratch);
+      const auto* row = logits + n * row_stride;
+      float l = row_logsumexp<D>(row, vocab, scale, scratch);
       lse[n] = l;
       int64_t y = labels[n];
-      if (y == ignore_index) {
-        logp[n] = 0.0f;
-      } else {
-        float zy;
-        if constexpr (std::is_same_v<T, float>) zy = row[y] * scale; else zy = load_as_float(row + y, dt) * scale;
-        logp[n] = zy - l;
-      }
+      logp[n] = y == ignore_index ? 0.0f : D::load(row[y]) * scale - l;
     }
   });
 }
 
-template <class T>
-void backward_impl(const float* grad, const T* logits, DType dt, int64_t n_rows, int64_t vocab,
+template <class D>
+void backward_impl(const float* grad, const typename D::storage* logits, int64_t n_rows, int64_t vocab,
                    int64_t row_stride, const int64_t* labels, int64_t ignore_index, float scale,
-                   const float* lse, T* out, int64_t out_stride) {
+                   const float* lse, typename D::storage* out, int64_t out_stride) {
+  using S = typename D::storage;
   parallel_for_rows(n_rows, vocab, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const T* row = logits + n * row_stride;
-      T* orow = out + n * out_stride;
+      const S* row = logits + n * row_stride;
+      S* orow = out + n * out_stride;
       int64_t y = labels[n];
       float g = grad[n];
       if (y == ignore_index || g == 0.0f) {
-        std::fill(orow, orow + vocab, T(0));
+        std::fill(orow, orow + vocab, S(0));
         continue;
       }
-      if constexpr (std::is_same_v<T, float>) {
-        row_grad(row, vocab, scale, dt, lse[n], g, [orow](int64_t v, float x) { orow[v] = x; });
-        orow[y] += g * scale;
-      } else {
-        // Half-precision rows: compute in fp32, round once (label entry included).
-        float zy = load_as_float(row + y, dt) * scale;
-        float gy = g * scale * (1.0f - exp_nonpos(zy - lse[n]));
-        if (dt == DType::bf16) {
-          row_grad(row, vocab, scale, dt, lse[n], g, [orow](int64_t v, float x) { orow[v] = float_to_bf16(x); });
-          orow[y] = float_to_bf16(gy);
-        } else {
-          row_grad(row, vocab, scale, dt, lse[n], g, [orow](int64_t v, float x) { orow[v] = float_to_f16(x); });
-          orow[y] = float_to_f16(gy);
-        }
-      }
+      row_grad<D>(row, vocab, scale, lse[n], g, orow);
+      orow[y] = D::store(g * scale * (1.0f - exp_nonpos(D::load(row[y]) * scale - lse[n])));
     }
   });
 }
@@ -119,27 +99,23 @@ void backward_impl(const float* grad, const T* logits, DType dt, int64_t n_rows,
 void logprobs_forward(const void* logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride,
                       const int64_t* labels, int64_t ignore_index, float inv_temperature,
                       float* logp, float* lse) {
-  DType dt = static_cast<DType>(dtype);
-  if (dt == DType::f32)
-    forward_impl(static_cast<const float*>(logits), dt, n_rows, vocab, row_stride, labels, ignore_index,
-                 inv_temperature, logp, lse);
-  else
-    forward_impl(static_cast<const uint16_t*>(logits), dt, n_rows, vocab, row_stride, labels,
-                 ignore_index, inv_temperature, logp, lse);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using D = decltype(tag);
+    forward_impl<D>(static_cast<const typename D::storage*>(logits), n_rows, vocab, row_stride, labels,
+                    ignore_index, inv_temperature, logp, lse);
+  });
 }
 
 void logprobs_backward(const float* grad, const void* logits, int dtype, int64_t n_rows, int64_t vocab,
                        int64_t row_stride, const int64_t* labels, int64_t ignore_index,
                        float inv_temperature, const float* lse, void* grad_logits,
                        int64_t grad_row_stride) {
-  DType dt = static_cast<DType>(dtype);
-  if (dt == DType::f32)
-    backward_impl(grad, static_cast<const float*>(logits), dt, n_rows, vocab, row_stride, labels,
-                  ignore_index, inv_temperature, lse, static_cast<float*>(grad_logits), grad_row_stride);
-  else
-    backward_impl(grad, static_cast<const uint16_t*>(logits), dt, n_rows, vocab, row_stride, labels,
-                  ignore_index, inv_temperature, lse, static_cast<uint16_t*>(grad_logits),
-                  grad_row_stride);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using D = decltype(tag);
+    backward_impl<D>(grad, static_cast<const typename D::storage*>(logits), n_rows, vocab, row_stride,
+                     labels, ignore_index, inv_temperature, lse,
+                     static_cast<typename D::storage*>(grad_logits), grad_row_stride);
+  });
 }
 
 }  // namespace prefkern::cpu

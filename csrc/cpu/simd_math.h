@@ -13,11 +13,11 @@ enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
 inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 
-inline float load_as_float(const float* p) { return *p; }
-inline float load_as_float(const uint16_t* p, DType t) {
-  uint32_t h = *p;
-  if (t == DType::bf16) return bits_to_float(h << 16);
+inline float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+
+inline float f16_to_float(uint16_t h16) {
   // IEEE half: shift the exponent/mantissa into place, rescale by 2^112 (handles subnormals too).
+  uint32_t h = h16;
   uint32_t sign = (h & 0x8000u) << 16;
   uint32_t em = h & 0x7fffu;
   float mag = bits_to_float(em << 13) * 0x1p112f;
@@ -32,10 +32,46 @@ inline uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>(std::isnan(f) ? 0x7fc0u : rounded);
 }
 
+// Round-to-nearest-even float -> IEEE half, branch-free so that loops calling it vectorise
+// (after F. Giesen's float_to_half_fast3_rtne).
 inline uint16_t float_to_f16(float f) {
-  _Float16 h = static_cast<_Float16>(f);
-  uint16_t out; std::memcpy(&out, &h, 2);
-  return out;
+  const uint32_t f32_inf = 255u << 23, f16_overflow = (127u + 16u) << 23;
+  const float denorm_magic = bits_to_float(((127u - 15u) + (23u - 10u) + 1u) << 23);
+  uint32_t u = float_to_bits(f);
+  uint32_t sign = u & 0x80000000u;
+  u ^= sign;
+  uint32_t inf_nan = u > f32_inf ? 0x7e00u : 0x7c00u;
+  uint32_t denorm = float_to_bits(bits_to_float(u) + denorm_magic) - float_to_bits(denorm_magic);
+  uint32_t normal = (u + ((15u - 127u) << 23) + 0xfffu + ((u >> 13) & 1u)) >> 13;
+  uint32_t out = u >= f16_overflow ? inf_nan : (u < (113u << 23) ? denorm : normal);
+  return static_cast<uint16_t>(out | (sign >> 16));
+}
+
+// Storage types as template parameters, so every loop is compiled (and vectorised) per dtype.
+struct F32 {
+  using storage = float;
+  static float load(float x) { return x; }
+  static float store(float x) { return x; }
+};
+struct BF16 {
+  using storage = uint16_t;
+  static float load(uint16_t x) { return bf16_to_float(x); }
+  static uint16_t store(float x) { return float_to_bf16(x); }
+};
+struct F16 {
+  using storage = uint16_t;
+  static float load(uint16_t x) { return f16_to_float(x); }
+  static uint16_t store(float x) { return float_to_f16(x); }
+};
+
+// Calls fn(Tag{}) with the storage tag of a dtype code (0 = f32, 1 = bf16, 2 = f16).
+template <class Fn>
+void dispatch_dtype(int dtype, Fn fn) {
+  switch (static_cast<DType>(dtype)) {
+    case DType::f32: fn(F32{}); break;
+    case DType::bf16: fn(BF16{}); break;
+    default: fn(F16{}); break;
+  }
 }
 
 // exp(x) for x <= 0 in practice (arguments are z - max); exact 0 below the fp32 range, +inf above.

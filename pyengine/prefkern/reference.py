@@ -1,1 +1,37 @@
+"""Plain-PyTorch references: the truth every kernel is tested and benchmarked against.
 
+They materialise what the kernels avoid (the log-softmax over the vocabulary) and are written for
+clarity, not memory. Benchmarks import the same functions as their "torch" baseline.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Token log-probs ``log_softmax(logits / temperature)[n, labels[n]]``, 0 where ``labels == ignore_index``.
+
+    Parameters
+    ----------
+    logits : [N, V] float tensor
+    labels : [N] integer tensor
+    compute_dtype : dtype of the log-softmax (float32 like the kernels, float64 for ground truth,
+        or the input dtype to measure PyTorch's own error in that dtype)
+
+    Returns
+    -------
+    [N] tensor in ``compute_dtype`` (float32 by default)
+    """
+    z = logits.to(compute_dtype) / temperature
+    logp = torch.log_softmax(z, dim=-1)
+    ignored = labels == ignore_index
+    safe = labels.masked_fill(ignored, 0).long()
+    picked = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return picked.masked_fill(ignored, 0.0)

@@ -1,0 +1,1 @@
+"""prefkern's benchmark CLI: ``python -m benchmarks [SUITE ...]`` (see ``--help``)."""

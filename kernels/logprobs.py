@@ -1,0 +1,133 @@
+"""Token log-probs from logits: an online log-sum-exp forward and a one-pass gradient backward."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.heuristics({"EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0})
+@triton.jit
+def _logprobs_forward_kernel(
+    # pointers
+    logits_ptr, labels_ptr, logp_ptr, lse_ptr,
+    # shapes
+    V,
+    # strides
+    stride_logits_n,
+    # scalars
+    ignore_index, scale,
+    # meta
+    BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_logits_n
+    m = -float("inf")
+    s = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        if EVEN_V:
+            x = tl.load(row_ptr + offs)
+        else:
+            x = tl.load(row_ptr + offs, mask=offs < V, other=-float("inf"))
+        z = x.to(tl.float32) * scale
+        new_m = tl.maximum(m, tl.max(z, axis=0))
+        # a block (or prefix) of -inf logits leaves the sum at 0 instead of producing inf - inf
+        s = tl.where(new_m == -float("inf"), 0.0, s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0))
+        m = new_m
+    lse = m + tl.log(s)
+    y = tl.load(labels_ptr + row).to(tl.int64)
+    valid = y != ignore_index
+    zy = tl.load(row_ptr + tl.where(valid, y, 0)).to(tl.float32) * scale
+    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, tl.where(valid, zy - lse, 0.0))
+
+
+@triton.heuristics({"EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0})
+@triton.jit
+def _logprobs_backward_kernel(
+    # pointers
+    grad_ptr, logits_ptr, labels_ptr, lse_ptr, grad_logits_ptr,
+    # shapes
+    V,
+    # strides
+    stride_logits_n, stride_grad_logits_n,
+    # scalars
+    ignore_index, scale,
+    # meta
+    BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    y = tl.load(labels_ptr + row).to(tl.int64)
+    g = tl.load(grad_ptr + row)
+    gs = tl.where(y == ignore_index, 0.0, g * scale)
+    lse = tl.load(lse_ptr + row)
+    if EVEN_V:
+        x = tl.load(logits_ptr + row * stride_logits_n + offs)
+    else:
+        x = tl.load(logits_ptr + row * stride_logits_n + offs, mask=offs < V, other=0.0)
+    p = tl.exp(x.to(tl.float32) * scale - lse)
+    d = gs * (tl.where(offs == y, 1.0, 0.0) - p)
+    out = grad_logits_ptr + row * stride_grad_logits_n + offs
+    if EVEN_V:
+        tl.store(out, d.to(grad_logits_ptr.dtype.element_ty))
+    else:
+        tl.store(out, d.to(grad_logits_ptr.dtype.element_ty), mask=offs < V)
+
+
+def _block_v(vocab: int) -> int:
+    return max(16, min(4096, triton.next_power_of_2(max(vocab, 1))))
+
+
+def logprobs_forward(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logp [N] and lse [N] (fp32) of ``logits * scale``; ``logits`` [N, V] with unit column stride."""
+    n, v = logits.shape
+    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n == 0:
+        return logp, lse
+    _logprobs_forward_kernel[(n,)](
+        logits, labels, logp, lse, v, logits.stride(0), ignore_index, scale,
+        BLOCK_V=_block_v(v), num_warps=8,
+    )
+    return logp, lse
+
+
+def logprobs_backward(
+    grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+    ignore_index: int, scale: float,
+) -> torch.Tensor:
+    """d logp / d logits contracted with ``grad`` [N]: a new [N, V] tensor in the dtype of ``logits``."""
+    n, v = logits.shape
+    grad_logits = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    if n == 0 or v == 0:
+        return grad_logits
+    block = min(_block_v(v), 2048)
+    _logprobs_backward_kernel[(n, triton.cdiv(v, block))](
+        grad, logits, labels, lse, grad_logits, v, logits.stride(0), grad_logits.stride(0),
+        ignore_index, scale, BLOCK_V=block, num_warps=4,
+    )
+    return grad_logits
+
+
+TRITON_KERNELS = {
+    "logprobs_forward": (
+        _logprobs_forward_kernel.fn,
+        {"logits_ptr": "*bf16", "labels_ptr": "*i64", "logp_ptr": "*fp32", "lse_ptr": "*fp32",
+         "V": "i32", "stride_logits_n": "i64", "ignore_index": "i64", "scale": "fp32",
+         "BLOCK_V": "constexpr", "EVEN_V": "constexpr"},
+        {"BLOCK_V": 4096, "EVEN_V": False},
+    ),
+    "logprobs_backward": (
+        _logprobs_backward_kernel.fn,
+        {"grad_ptr": "*fp32", "logits_ptr": "*bf16", "labels_ptr": "*i64", "lse_ptr": "*fp32",
+         "grad_logits_ptr": "*bf16", "V": "i32", "stride_logits_n": "i64",
+         "stride_grad_logits_n": "i64", "ignore_index": "i64", "scale": "fp32",
+         "BLOCK_V": "constexpr", "EVEN_V": "constexpr"},
+        {"BLOCK_V": 2048, "EVEN_V": False},
+    ),
+}

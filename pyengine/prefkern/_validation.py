@@ -1,0 +1,46 @@
+"""Argument checks shared by the public ops: clear TypeError/ValueError naming the argument."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def check_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_float(name: str, x: torch.Tensor, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
+
+
+def check_index(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be an int64 or int32 tensor, got {x.dtype}")
+
+
+def check_ndim(name: str, x: torch.Tensor, ndim: int, shape_doc: str) -> None:
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have shape {shape_doc}, got {tuple(x.shape)}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def check_positive_finite(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (value > 0 and value != float("inf")):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")

@@ -1,0 +1,195 @@
+"""prefkern.logprobs on every backend this machine can run, against float64 truth."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import prefkern
+from prefkern import reference
+from prefkern.dispatch import backend_status
+from tolerance import assert_within_torch_error
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CPU = torch.device("cpu")
+
+
+def cpu_backends():
+    return [b for b in ("native", "triton") if backend_status(b, CPU)[0]]
+
+
+def truth(logits, labels, temperature=1.0):
+    """Float64 log-probs written independently of the reference: z_y - (max + log sum exp(z - max))."""
+    z = logits.double() / temperature
+    m = z.max(dim=-1, keepdim=True).values
+    lse = (m + (z - m).exp().sum(-1, keepdim=True).log()).squeeze(-1)
+    valid = labels != -100
+    zy = z.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, zy - lse, torch.zeros_like(lse))
+
+
+def make(n, v, dtype, ignore_every=0, scale=3.0):
+    logits = (torch.randn(n, v) * scale).to(dtype)
+    labels = torch.randint(0, v, (n,))
+    if ignore_every:
+        labels[::ignore_every] = -100
+    return logits, labels
+
+
+def grads_of(fn, logits, labels, g):
+    x = logits.detach().clone().requires_grad_()
+    fn(x, labels).backward(g)
+    return x.grad
+
+
+def test_reference_matches_float64_truth():
+    logits, labels = make(33, 257, torch.float32, ignore_every=5)
+    torch.testing.assert_close(reference.logprobs(logits, labels, compute_dtype=torch.float64), truth(logits, labels))
+
+
+def test_gradcheck_float64():
+    logits = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 3, -100, 10, 5, 5])
+    assert torch.autograd.gradcheck(lambda x: prefkern.logprobs(x, labels, temperature=0.7), (logits,))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,v", [(1, 1), (7, 123), (16, 2048), (5, 5003)])
+def test_forward_backward_vs_truth(backend, dtype, n, v):
+    if backend == "triton" and v > 2100 and dtype != torch.float32:
+        pytest.skip("interpreter time: half-precision Triton covered at smaller V")
+    logits, labels = make(n, v, dtype, ignore_every=4)
+    temperature = 0.8
+    ours = prefkern.logprobs(logits, labels, temperature=temperature, backend=backend)
+    ref64 = truth(logits, labels, temperature)
+    torch_d = reference.logprobs(logits, labels, temperature=temperature, compute_dtype=dtype)
+    assert ours.dtype == torch.float32
+    assert_within_torch_error(ours, torch_d, ref64, dtype, "logp")
+
+    g = torch.randn(n)
+    grad = grads_of(lambda x, y: prefkern.logprobs(x, y, temperature=temperature, backend=backend), logits, labels, g)
+    grad64 = grads_of(lambda x, y: truth(x, y, temperature), logits.double(), labels, g.double())
+    grad_d = grads_of(lambda x, y: reference.logprobs(x, y, temperature=temperature, compute_dtype=dtype), logits, labels, g.to(dtype))
+    assert grad.dtype == dtype
+    assert_within_torch_error(grad, grad_d, grad64, dtype, "grad")
+    assert torch.all(grad[labels == -100] == 0)
+
+
+@pytest.mark.parametrize("backend", cpu_backends() + ["torch"])
+def test_strided_rows_and_transposed_input(backend):
+    base = torch.randn(12, 300)
+    labels = torch.randint(0, 100, (6,))
+    rows = base[::2, 50:150]  # row stride 600, unit column stride: used in place
+    cols = torch.randn(100, 6).t()  # column stride 6: copied once
+    for x in (rows, cols):
+        assert not x.is_contiguous()
+        torch.testing.assert_close(prefkern.logprobs(x, labels, backend=backend), truth(x, labels).float(), atol=1e-5, rtol=1e-5)
+        xg = x.clone().requires_grad_()
+        prefkern.logprobs(xg, labels, backend=backend).sum().backward()
+        expect = grads_of(lambda a, y: truth(a, y), x.double(), labels, torch.ones(6, dtype=torch.float64))
+        torch.testing.assert_close(xg.grad, expect.float(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", cpu_backends() + ["torch"])
+def test_empty_and_fully_ignored(backend):
+    empty = prefkern.logprobs(torch.randn(0, 50), torch.zeros(0, dtype=torch.long), backend=backend)
+    assert empty.shape == (0,)
+    x = torch.randn(4, 50, requires_grad=True)
+    labels = torch.full((4,), -100)
+    out = prefkern.logprobs(x, labels, backend=backend)
+    assert torch.equal(out, torch.zeros(4))
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros(4, 50))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_custom_ignore_index_and_int32_labels(backend):
+    logits, labels = make(9, 64, torch.float32)
+    labels[3] = 7777
+    out = prefkern.logprobs(logits, labels.to(torch.int32), ignore_index=7777, backend=backend)
+    assert out[3] == 0
+    expect = truth(logits, labels.masked_fill(labels == 7777, -100)).float()
+    torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, y = torch.randn(3, 10), torch.tensor([1, 2, 3])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\).*labels\[1\] = 10"):
+        prefkern.logprobs(x, torch.tensor([1, 10, 2]))
+    with pytest.raises(ValueError, match="labels must lie"):
+        prefkern.logprobs(x, torch.tensor([1, -5, 2]))
+    with pytest.raises(TypeError, match="labels must be an int64 or int32"):
+        prefkern.logprobs(x, y.float())
+    with pytest.raises(TypeError, match="logits must have dtype"):
+        prefkern.logprobs(x.to(torch.int32), y)
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        prefkern.logprobs(x.numpy(), y)
+    with pytest.raises(ValueError, match=r"logits must have shape \[N, V\]"):
+        prefkern.logprobs(x[None], y)
+    with pytest.raises(ValueError, match=r"labels must have shape \[N\] = \[3\]"):
+        prefkern.logprobs(x, y[:2])
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        prefkern.logprobs(x, y, temperature=0.0)
+    with pytest.raises(ValueError, match="labels is on meta"):
+        prefkern.logprobs(x, y.to("meta"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        prefkern.logprobs(x, y, backend="fast")
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cpu"):
+        prefkern.logprobs(x, y, backend="cuda")
+    with pytest.raises(TypeError, match="float64 logits run on the 'torch' backend only"):
+        prefkern.logprobs(x.double(), y, backend="native")
+
+
+def test_torch_compile_fullgraph():
+    logits, labels = make(8, 97, torch.float32, ignore_every=3)
+
+    def loss(x):
+        return -(prefkern.logprobs(x, labels) * 2.0).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="inductor")
+    x1 = logits.clone().requires_grad_()
+    x2 = logits.clone().requires_grad_()
+    out_c, out_e = compiled(x1), loss(x2)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def _free_memory_gib():
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) / 2**20
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_free_memory_gib() < 12, reason="needs ~9 GiB free for two bf16 [2, 2^30+1000] tensors")
+def test_more_than_2_pow_31_elements_native():
+    """64-bit offsets: the label of row 1 sits past element 2^31 of the buffer."""
+    n, v = 2, 2**30 + 1000
+    assert n * v > 2**31
+    logits = torch.zeros(n, v, dtype=torch.bfloat16)
+    a = 3.0
+    logits[1, v - 1] = a
+    labels = torch.tensor([0, v - 1])
+    x = logits.requires_grad_()
+    out = prefkern.logprobs(x, labels, backend="native")
+    expect1 = a - math.log(v - 1 + math.exp(a))
+    expect0 = -math.log(v)
+    assert abs(out[1].item() - expect1) < 1e-4 * abs(expect1) + 1e-4
+    assert abs(out[0].item() - expect0) < 1e-4 * abs(expect0)
+    out.backward(torch.tensor([0.0, 1.0]))
+    g = x.grad
+    assert g[0].abs().max().item() == 0
+    assert abs(g[1, v - 1].item() - (1 - math.exp(expect1))) < 1e-3
+    assert abs(g[1, 5].item() + math.exp(-math.log(v - 1 + math.exp(a)))) < 1e-9
+
+
+def test_info_command():
+    out = subprocess.run([sys.executable, "-m", "prefkern", "info"], capture_output=True, text=True, check=True).stdout
+    assert "[cpu]" in out and "native" in out and "torch" in out
+    report = prefkern.info()
+    assert report["cpu"]["torch"].startswith("yes")
