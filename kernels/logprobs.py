@@ -99,11 +99,12 @@ def logprobs_forward(
 
 def logprobs_backward(
     grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-    ignore_index: int, scale: float,
+    ignore_index: int, scale: float, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """d logp / d logits contracted with ``grad`` [N]: a new [N, V] tensor in the dtype of ``logits``."""
+    """d logp / d logits contracted with ``grad`` [N], written to ``out`` (may be ``logits`` itself: each
+    element is read before it is written) or to a new [N, V] tensor in the dtype of ``logits``."""
     n, v = logits.shape
-    grad_logits = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    grad_logits = torch.empty((n, v), dtype=logits.dtype, device=logits.device) if out is None else out
     if n == 0 or v == 0:
         return grad_logits
     block = min(_block_v(v), 2048)

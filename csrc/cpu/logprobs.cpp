@@ -88,8 +88,10 @@ void backward_impl(const float* grad, const typename D::storage* logits, int64_t
         std::fill(orow, orow + vocab, S(0));
         continue;
       }
+      // Read the label logit first: out may alias logits (the fused linear op works in place).
+      float gy = g * scale * (1.0f - exp_nonpos(D::load(row[y]) * scale - lse[n]));
       row_grad<D>(row, vocab, scale, lse[n], g, orow);
-      orow[y] = D::store(g * scale * (1.0f - exp_nonpos(D::load(row[y]) * scale - lse[n])));
+      orow[y] = D::store(gy);
     }
   });
 }

@@ -11,7 +11,8 @@ void logprobs_forward(const void* logits, int dtype, int64_t n_rows, int64_t voc
                       float* logp, float* lse);
 
 // grad_logits[n, v] = grad[n] * inv_temperature * (1[v == label_n] - exp(z[n, v] - lse[n])),
-// zero on ignored rows; grad_logits has the dtype of logits and its own row stride.
+// zero on ignored rows; grad_logits has the dtype of logits and its own row stride. grad_logits may
+// be logits itself (in place, same row stride).
 void logprobs_backward(const float* grad, const void* logits, int dtype, int64_t n_rows, int64_t vocab,
                        int64_t row_stride, const int64_t* labels, int64_t ignore_index,
                        float inv_temperature, const float* lse, void* grad_logits,

@@ -44,3 +44,14 @@ def check_positive_finite(name: str, value: float) -> None:
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not (value > 0 and value != float("inf")):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """ValueError unless every label is in ``[0, vocab)`` or equals ``ignore_index`` (one host sync)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        idx = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+            f"labels[{idx}] = {int(labels[idx])}"
+        )

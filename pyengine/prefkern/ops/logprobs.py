@@ -7,19 +7,9 @@ from typing import Tuple
 import torch
 
 from .. import reference
-from .._validation import FLOAT_DTYPES, check_float, check_index, check_ndim, check_positive_finite, check_same_device, check_tensor
+from .._validation import FLOAT_DTYPES, check_float, check_labels_in_range, check_index, check_ndim, check_positive_finite, check_same_device, check_tensor
 from ..dispatch import resolve_backend
 from ._backends import cuda_stream, dtype_code, native_module, triton_kernels
-
-
-def _check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):
-        idx = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
-            f"labels[{idx}] = {int(labels[idx])}"
-        )
 
 
 def _torch_compute_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -32,7 +22,7 @@ def logprobs_fwd(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Raw op: ``(logp [N], lse [N])`` in fp32. ``logits`` [N, V] has unit column stride; labels int64."""
     n, v = logits.shape
-    _check_labels_in_range(labels, v, ignore_index)
+    check_labels_in_range(labels, v, ignore_index)
     scale = 1.0 / temperature
     chosen = resolve_backend(backend, logits.device, "logprobs")
     if chosen == "torch":
