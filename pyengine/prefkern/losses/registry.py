@@ -48,6 +48,7 @@ def available_loss_types() -> List[str]:
 
 def preference_loss(
     loss_type: Union[str, Sequence[str]],
+    /,
     *args: Any,
     batch: Optional[PreferenceBatch] = None,
     **kwargs: Any,
@@ -56,7 +57,7 @@ def preference_loss(
 
     Parameters
     ----------
-    loss_type : str or list of str
+    loss_type : str or list of str (positional-only)
         * a TRL DPO ``loss_type`` (``"sigmoid"``, ``"hinge"``, ``"ipo"``, ``"exo_pair"``,
           ``"nca_pair"``, ``"robust"``, ``"bco_pair"``, ``"sppo_hard"``, ``"aot"``,
           ``"aot_unpaired"``/``"aot_pair"``, ``"apo_zero"``, ``"apo_down"``,
