@@ -137,3 +137,21 @@ def test_wpo_weights_from_logits_match_definition():
         vals = [math.log(p[b, t, labels[b, t]]) - math.log(float((p[b, t] ** 2).sum())) for t in range(3) if mask[b, t]]
         assert math.isclose(float(w[b]), math.exp(sum(vals) / len(vals)), rel_tol=1e-12)
     assert not w.requires_grad
+
+
+def test_preference_batch_empty_completions():
+    pol = torch.tensor([[-1.0, -1.0], [-2.0, 0.0], [-3.0, -3.0], [-0.5, -0.5]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1], [0, 0]])  # pair 1's rejected completion is empty
+    try:
+        L.preference_batch(pol, mask)
+    except ValueError as e:
+        assert "pairs [1]" in str(e)
+    else:
+        raise AssertionError("empty completion accepted silently")
+    b = L.preference_batch(pol, mask, pol - 1, empty_completions="drop")
+    torch.testing.assert_close(b.kept, torch.tensor([0]))
+    torch.testing.assert_close(b.policy_chosen_logps, torch.tensor([-2.0], dtype=torch.float64))
+    torch.testing.assert_close(b.ref_rejected_logps, torch.tensor([-8.0], dtype=torch.float64))
+    assert math.isclose(float(b.chosen_nll), 1.0)
+    k = L.preference_batch(pol, mask, empty_completions="keep")
+    torch.testing.assert_close(k.policy_rejected_logps, torch.tensor([-6.0, 0.0], dtype=torch.float64))

@@ -309,3 +309,47 @@ TABLE_A1 = {  # LOSSES.md section J, column A1, as printed (6 significant digits
 def test_data_module_matches_printed_table():
     for k, x in TABLE_A1.items():
         assert math.isclose(FAMILY_A_EXPECTED["A1"]["mean"][k], x, rel_tol=5e-6), k
+
+
+# --- legacy (<= 0.28) options checked against other rows of the same tables ----------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", VECS)
+def test_legacy_reference_free_equals_cpo_rows(name, dtype):
+    inp = a_inputs(name, dtype)
+    p = B_PARAMS[name]
+    # reference_free zeroes the reference in the margin: sigmoid -> CPO sigmoid, ipo (all log-probs averaged) -> CPO ipo
+    for lt, row in (("sigmoid", "CPO sigmoid, prefer term only"), ("hinge", "CPO hinge (prefer term)"),
+                    ("ipo", "CPO ipo (length-averaged)")):
+        out = L.dpo_loss(**inp, loss_type=lt, beta=p["cpo_beta"], reference_free=True, trl_version="0.28")
+        per, mean = _b(name, row)
+        close(out.losses, per)
+        close(out.loss, mean)
+        v = A_VECTORS[name]
+        # the logged rewards keep the reference (and are length-averaged when "ipo" is listed)
+        a = torch.tensor([(x - y) / (n if lt == "ipo" else 1) for x, y, n in zip(v["pc"], v["rc"], v["lc"])])
+        close(out.chosen_rewards, p["cpo_beta"] * a)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", VECS)
+def test_legacy_ipo_and_multi_loss_rewards(name, dtype):
+    v = A_VECTORS[name]
+    inp = a_inputs(name, dtype)
+    per, mean = _expect_a(name, "ipo")
+    out = L.dpo_loss(**inp, loss_type="ipo", beta=v["beta"], trl_version="0.28")
+    close(out.losses, per)
+    a = [(x - y) / n for x, y, n in zip(v["pc"], v["rc"], v["lc"])]
+    close(out.chosen_rewards, [v["beta"] * x for x in a])
+    # <= 0.28 multi-loss: rewards are the loss_weights-weighted sum of each entry's rewards (0 for sft)
+    out = L.dpo_loss(**inp, loss_type=["sigmoid", "sft"], loss_weights=[0.8, 2.0], beta=v["beta"],
+                     trl_version="0.28")
+    close(out.chosen_rewards, [0.8 * v["beta"] * (x - y) for x, y in zip(v["pc"], v["rc"])])
+    close(out.metrics["rewards/margins"], 0.8 * FAMILY_A_EXPECTED[name]["metrics"]["rewards/margins"])
+    # >= 0.29 always logs beta * a
+    out = L.dpo_loss(**inp, loss_type=["sigmoid", "sft"], loss_weights=[0.8, 2.0], beta=v["beta"])
+    close(out.metrics["rewards/margins"], FAMILY_A_EXPECTED[name]["metrics"]["rewards/margins"])
+    sig_per, _ = _expect_a(name, "sigmoid")
+    sft_per, _ = _expect_a(name, "sft")
+    close(out.losses, [0.8 * x + 2.0 * y for x, y in zip(sig_per, sft_per)])

@@ -58,6 +58,9 @@ class PreferenceBatch:
         Completion token counts ``|y|``, ``[B]``.
     chosen_nll : torch.Tensor or None
         Token-mean NLL over all chosen completion tokens of the batch, 0-d.
+    kept : torch.Tensor or None
+        ``[B_kept]`` int64 indices of the pairs kept by
+        ``preference_batch(empty_completions="drop")`` (``None``: all kept).
     """
 
     policy_chosen_logps: torch.Tensor
@@ -67,3 +70,4 @@ class PreferenceBatch:
     chosen_lengths: Optional[torch.Tensor] = None
     rejected_lengths: Optional[torch.Tensor] = None
     chosen_nll: Optional[torch.Tensor] = None
+    kept: Optional[torch.Tensor] = None

@@ -281,6 +281,7 @@ def preference_batch(
     *,
     ref_mask: Optional[torch.Tensor] = None,
     ld_alpha: Optional[float] = None,
+    empty_completions: str = "raise",
 ) -> PreferenceBatch:
     """Per-sequence inputs of every loss from a ``[chosen; rejected]`` token batch.
 
@@ -296,6 +297,11 @@ def preference_batch(
         Mask for ``ref_token_logps``; defaults to ``mask``.
     ld_alpha : float, optional
         If given, the sums are LD-DPO weighted (policy and reference, >= 0.29).
+    empty_completions : {"raise", "drop", "keep"}, default "raise"
+        What to do with a pair whose chosen or rejected completion has no scored
+        token: ``"raise"`` a ``ValueError``; ``"drop"`` the pair (TRL >= 0.29
+        behaviour since PR #6321; ``PreferenceBatch.kept`` lists the kept pair
+        indices); ``"keep"`` it with a summed log-prob of 0.
 
     Returns
     -------
@@ -303,9 +309,23 @@ def preference_batch(
         Summed log-probs ``[B]``, completion lengths ``[B]`` (int64) and the
         chosen token-mean NLL (0-d; ``None`` if the chosen rows are all empty).
     """
+    if empty_completions not in ("raise", "drop", "keep"):
+        raise ValueError(f"empty_completions must be 'raise', 'drop' or 'keep', got {empty_completions!r}")
     policy_token_logps, m = _check_token_inputs(policy_token_logps, mask, "policy_token_logps")
     pc_t, pr_t = split_chosen_rejected(policy_token_logps)
     mc, mr = split_chosen_rejected(m)
+    kept = None
+    if empty_completions != "keep" and m.device.type != "meta":
+        empty = (mc.sum(1) == 0) | (mr.sum(1) == 0)
+        if bool(empty.any()):
+            rows = empty.nonzero().flatten().tolist()
+            if empty_completions == "raise":
+                raise ValueError(f"pairs {rows} have an empty chosen or rejected completion (mask all 0); pass "
+                                 f"empty_completions='drop' (TRL >= 0.29) or 'keep'")
+            kept = (~empty).nonzero().flatten()
+            if kept.numel() == 0:
+                raise ValueError("every pair has an empty completion; nothing left after dropping them")
+            pc_t, pr_t, mc, mr = pc_t[kept], pr_t[kept], mc[kept], mr[kept]
     if ld_alpha is None:
         pc, pr = sequence_logps(pc_t, mc), sequence_logps(pr_t, mr)
     else:
@@ -320,6 +340,8 @@ def preference_batch(
         ref_token_logps = ref_token_logps.detach()
         rc_t, rr_t = split_chosen_rejected(ref_token_logps)
         rmc, rmr = split_chosen_rejected(rm)
+        if kept is not None:
+            rc_t, rr_t, rmc, rmr = rc_t[kept], rr_t[kept], rmc[kept], rmr[kept]
         if ld_alpha is None:
             rc, rr = sequence_logps(rc_t, rmc), sequence_logps(rr_t, rmr)
         else:
@@ -333,4 +355,5 @@ def preference_batch(
         chosen_lengths=mc.sum(1),
         rejected_lengths=mr.sum(1),
         chosen_nll=nll,
+        kept=kept,
     )
