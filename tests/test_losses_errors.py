@@ -1,7 +1,6 @@
 """Bad input gets a clear error (or the documented behaviour), never a silent NaN."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch

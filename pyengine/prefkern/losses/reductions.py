@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._validation import check_finite, check_positive_lengths, check_tensor, compute_dtype, sequence_inputs
+from ._validation import check_finite, check_positive_lengths, check_tensor, compute_dtype
 from .outputs import PreferenceBatch
 
 __all__ = [
