@@ -14,6 +14,11 @@ Two generations of TRL are supported through ``trl_version``:
   ``sigmoid``/``robust``/``exo_pair``/``hinge``/``ipo``, ``rpo_alpha`` and
   ``reference_free`` exist, ``bco_pair`` uses a running reward mean
   (:class:`BCORunningMean`), WPO weight clamped at 1 and applied once.
+
+Not reproduced from <= 0.28 (LOSSES.md H.6, readings of code that were never executed): the
+``ignore_index=0`` quirk of the NLL term (pass the NLL you want as ``chosen_nll``), the one-token
+offset of the WPO weight, and LD-DPO's indexing from the start of the whole row
+(:func:`ld_sequence_logps` counts completion positions).
 """
 from __future__ import annotations
 
