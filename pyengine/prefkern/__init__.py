@@ -4,6 +4,9 @@ Public API (each op takes ``backend="auto"|"native"|"triton"|"cuda"|"torch"``):
 
 - ``logprobs(logits, labels)``: token log-probs from logits without a second ``[N, V]`` tensor.
 - ``info()``: which backends can run here and why not (also ``python -m prefkern info``).
+- ``linear_logprobs(hidden, weight, labels)``: the same from hidden states and the lm-head, logits never whole.
+- ``FusedLinearPreferenceLoss``: any loss of the catalog on hidden states (stream and eager modes).
+- ``preference_loss`` and the loss catalog (``prefkern.losses``): every objective of LOSSES.md.
 - ``reference``: the plain-PyTorch truth every kernel is tested against.
 """
 
@@ -11,5 +14,10 @@ from ._version import __version__
 from . import reference
 from .dispatch import info
 from .ops.logprobs import logprobs
+from .ops.linear_logprobs import linear_logprobs
+from .losses import *  # noqa: F401,F403
+from .losses import __all__ as _losses_all
+from .fused_loss import FusedLinearPreferenceLoss
 
-__all__ = ["__version__", "info", "logprobs", "reference"]
+__all__ = ["__version__", "info", "logprobs", "linear_logprobs", "FusedLinearPreferenceLoss", "reference"]
+__all__ += list(_losses_all)

@@ -35,3 +35,27 @@ def logprobs(
     safe = labels.masked_fill(ignored, 0).long()
     picked = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return picked.masked_fill(ignored, 0.0)
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Token log-probs from hidden states through the lm-head, with the logits materialised.
+
+    Parameters
+    ----------
+    hidden : [N, H]; weight : [V, H]; labels : [N]; bias : [V] or None
+
+    Returns
+    -------
+    [N] tensor in ``compute_dtype``: ``log_softmax(hidden @ weight.T + bias)[n, labels[n]]``.
+    """
+    logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).t()
+    if bias is not None:
+        logits = logits + bias.to(compute_dtype)
+    return logprobs(logits, labels, ignore_index, compute_dtype=compute_dtype)

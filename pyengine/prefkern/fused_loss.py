@@ -1,0 +1,408 @@
+"""``FusedLinearPreferenceLoss``: any loss of the catalog straight from hidden states and the lm-head.
+
+The logits ``[2B, T, V]`` never exist. Two modes (DESIGN.md section 4):
+
+- ``stream``: token log-probs through :func:`prefkern.linear_logprobs` (online log-sum-exp forward,
+  recomputing backward), then the catalog loss in plain torch. Works for every loss type. Cost:
+  4 matmul units for the policy; extra memory one chunk (CPU) or O(N) (Triton tiles).
+- ``eager``: for losses that decompose per pair, chunks of whole pairs are pushed through the GEMM
+  once; the chunk's loss gradient is taken at once and the logit gradient written in place over
+  the chunk's logits, followed by the dX and dW GEMMs -- all inside forward, so backward only
+  scales the stored gradients. Cost: 3 matmul units; extra memory one pair chunk of fp32 logits.
+
+``mode="auto"`` takes eager when the loss allows it and one chunk fits ``memory_budget``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import replace
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ._validation import check_tensor
+from .dispatch import resolve_backend
+from .losses import PreferenceBatch, PreferenceLossOutput, preference_batch, preference_loss
+from .losses.registry import LOSS_REGISTRY
+from .ops.linear_logprobs import _row_backward_inplace, _row_forward, linear_logprobs, shift_labels
+
+# Losses whose batch value is a mean over pairs of per-pair terms (plus a token-mean NLL), so that
+# a chunk of pairs gives its exact share of the gradient. aot* sort across the batch and bco_pair
+# keeps a running mean: they stream.
+EAGER_LOSS_TYPES = frozenset({
+    "sigmoid", "dpo", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "sppo_hard", "apo_zero", "apo_down",
+    "discopop", "sft", "sigmoid_norm", "cdpo", "rpo", "simpo", "simpo_hinge", "orpo", "cpo", "cpo_hinge",
+    "cpo_ipo", "cpo_simpo", "alphapo", "ipo_paper", "slic_hf",
+})
+PAIRED_LOSS_TYPES = EAGER_LOSS_TYPES | {"aot", "aot_unpaired", "aot_pair", "bco_pair", "c3po"}
+EAGER_TOKENS_PER_CHUNK = {"cpu": 1024, "cuda": 4096}
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """A tenth of the free memory of ``device`` (bytes)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 10
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024 // 10
+    except (OSError, KeyError, ValueError):
+        return 1 << 30
+
+
+def _family(loss_type: str) -> Callable[..., PreferenceLossOutput]:
+    if loss_type == "rpo":
+        return LOSS_REGISTRY["sigmoid"][0]
+    if loss_type not in LOSS_REGISTRY:
+        raise ValueError(f"loss_type {loss_type!r} is not in the catalog; choose from {sorted(LOSS_REGISTRY) + ['rpo']}")
+    return LOSS_REGISTRY[loss_type][0]
+
+
+class _EagerGradients(torch.autograd.Function):
+    """Returns a precomputed loss value whose gradients were computed in forward; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, value, hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gh, gw, gb = ctx.grads
+        scale = lambda g: None if g is None else g * grad_out.to(g.dtype)  # noqa: E731
+        return None, scale(gh), scale(gw), scale(gb), None, None, None
+
+
+class FusedLinearPreferenceLoss(nn.Module):
+    """Preference loss from last hidden states and the lm-head, logits never materialised.
+
+    Parameters
+    ----------
+    loss_type : a name of :func:`prefkern.preference_loss` (``"sigmoid"``, ``"ipo"``, ``"simpo"``,
+        ``"orpo"``, ``"cpo"``, ``"kto"``, ``"salt"``, ...; ``"rpo"`` = DPO + NLL).
+    beta : the loss's beta (passed when the family takes one).
+    ignore_index : label value of prompt and padding positions.
+    average_log_prob : DPO-family losses see length-averaged log-probs instead of sums.
+    nll_weight : DPO-family losses add ``nll_weight`` x the chosen token-mean NLL (RPO).
+    mode : ``"auto"``, ``"stream"`` or ``"eager"`` (see the module docstring).
+    memory_budget : bytes the eager logits chunk may take (default a tenth of free memory).
+    shift : 1 when ``labels`` are the input ids of a causal LM (position t scores token t+1).
+    backend : backend of the log-prob kernels (``"auto"``, ``"native"``, ``"triton"``, ``"cuda"``, ``"torch"``).
+    empty_completions : ``"raise"`` (default), ``"drop"`` (TRL >= 0.29; stream only) or ``"keep"``,
+        for a pair whose chosen or rejected completion has no scored token.
+    ld_alpha : LD-DPO weighting of the sequence sums.
+    **loss_kwargs : any other option of the family function (``label_smoothing``, ``gamma_beta_ratio``,
+        ``cpo_alpha``, ``desirable_weight``, ``form``, ...).
+
+    Forward inputs
+    --------------
+    hidden : [2B, T, H] ``[chosen; rejected]`` last hidden states (KTO: [B, T, H] unpaired).
+    weight : [V, H] lm-head; bias : [V] or None.
+    labels : [2B, T] target ids, ``ignore_index`` off the completion.
+    ref_hidden, ref_weight, ref_bias : the reference model's hidden states and head (``ref_weight``
+        defaults to ``weight``), run without gradient; or
+    ref_logps : precomputed reference log-probs, [2B] per sequence (or a (chosen, rejected) pair of [B]),
+        or [2B, T] per token.
+    token_weights : [2B, T] SALT weights (chosen rows = edited text, rejected rows = model output).
+    kto_labels : [B] bool, desirable examples (KTO); kl_hidden / kl_labels (+ ref_kl_hidden or
+        ref_kl_logps [B]) : the mismatched-pair batch of KTO's KL reference point.
+
+    Returns
+    -------
+    :class:`prefkern.losses.PreferenceLossOutput` (loss, per-example losses, rewards, metrics).
+    """
+
+    def __init__(
+        self,
+        loss_type: str = "sigmoid",
+        beta: Optional[float] = 0.1,
+        ignore_index: int = -100,
+        average_log_prob: bool = False,
+        nll_weight: float = 0.0,
+        mode: str = "auto",
+        memory_budget: Optional[int] = None,
+        shift: int = 0,
+        backend: str = "auto",
+        empty_completions: str = "raise",
+        ld_alpha: Optional[float] = None,
+        **loss_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.family = _family(loss_type)
+        if mode not in ("auto", "stream", "eager"):
+            raise ValueError(f"mode must be 'auto', 'stream' or 'eager', got {mode!r}")
+        if mode == "eager" and loss_type not in EAGER_LOSS_TYPES:
+            raise ValueError(f"mode='eager' needs a loss that decomposes per pair ({sorted(EAGER_LOSS_TYPES)}); "
+                             f"{loss_type!r} must stream")
+        if mode == "eager" and empty_completions == "drop":
+            raise ValueError("empty_completions='drop' changes the batch: use mode='stream'")
+        if memory_budget is not None and memory_budget <= 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+        is_dpo = self.family is LOSS_REGISTRY["sigmoid"][0]
+        if (average_log_prob or nll_weight) and not is_dpo:
+            raise ValueError("average_log_prob and nll_weight apply to DPO-family losses; other families take their "
+                             "own options (e.g. sft_weight for SimPO, cpo_alpha for CPO)")
+        self.loss_type, self.beta, self.ignore_index = loss_type, beta, ignore_index
+        self.average_log_prob, self.nll_weight = average_log_prob, nll_weight
+        self.mode, self.memory_budget, self.shift, self.backend = mode, memory_budget, shift, backend
+        self.empty_completions, self.ld_alpha = empty_completions, ld_alpha
+        self.loss_kwargs = self._loss_kwargs(loss_kwargs)
+
+    def _loss_kwargs(self, extra: Dict[str, Any]) -> Dict[str, Any]:
+        params = inspect.signature(self.family).parameters
+        kwargs = dict(extra)
+        if self.beta is not None and "beta" in params:
+            kwargs.setdefault("beta", self.beta)
+        if self.loss_type == "rpo" or self.nll_weight:
+            base = "sigmoid" if self.loss_type in ("rpo", "dpo") else self.loss_type
+            kwargs["loss_type"] = [base, "sft"]
+            kwargs["loss_weights"] = [1.0, self.nll_weight or extra.get("rpo_alpha", 1.0)]
+        elif self.loss_type in LOSS_REGISTRY:
+            kwargs.update(LOSS_REGISTRY[self.loss_type][1])
+        return kwargs
+
+    # ---- the loss on per-sequence values --------------------------------------------------------
+
+    def _batch(self, token_logps, mask, ref_seq, ref_tokens):
+        batch = preference_batch(token_logps, mask, ref_tokens, ld_alpha=self.ld_alpha,
+                                 empty_completions=self.empty_completions)
+        if ref_seq is not None:
+            rc, rr = ref_seq
+            if batch.kept is not None:
+                rc, rr = rc[batch.kept], rr[batch.kept]
+            batch = replace(batch, ref_chosen_logps=rc, ref_rejected_logps=rr)
+        if self.average_log_prob:
+            lc = batch.chosen_lengths.clamp(min=1)
+            lr = batch.rejected_lengths.clamp(min=1)
+            batch = replace(
+                batch,
+                policy_chosen_logps=batch.policy_chosen_logps / lc, policy_rejected_logps=batch.policy_rejected_logps / lr,
+                ref_chosen_logps=None if batch.ref_chosen_logps is None else batch.ref_chosen_logps / lc,
+                ref_rejected_logps=None if batch.ref_rejected_logps is None else batch.ref_rejected_logps / lr,
+            )
+        return batch
+
+    def _paired_loss(self, batch: PreferenceBatch, token_weights=None) -> PreferenceLossOutput:
+        return self.family(**self._family_args(batch), **self.loss_kwargs)
+
+    def _family_args(self, batch: PreferenceBatch) -> Dict[str, Any]:
+        params = inspect.signature(self.family).parameters
+        fields = {
+            "policy_chosen_logps": batch.policy_chosen_logps, "policy_rejected_logps": batch.policy_rejected_logps,
+            "ref_chosen_logps": batch.ref_chosen_logps, "ref_rejected_logps": batch.ref_rejected_logps,
+            "chosen_lengths": batch.chosen_lengths, "rejected_lengths": batch.rejected_lengths,
+            "chosen_nll": batch.chosen_nll,
+        }
+        args = {k: v for k, v in fields.items() if k in params}
+        if "ref_chosen_logps" in params and args.get("ref_chosen_logps") is None and not self._reference_free():
+            raise ValueError(f"loss_type {self.loss_type!r} needs reference log-probs: pass ref_hidden (+ ref_weight) "
+                             "or ref_logps")
+        return args
+
+    def _reference_free(self) -> bool:
+        return bool(self.loss_kwargs.get("reference_free")) or self.loss_type == "sft"
+
+    # ---- forward ----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        ref_hidden: Optional[torch.Tensor] = None,
+        ref_weight: Optional[torch.Tensor] = None,
+        ref_bias: Optional[torch.Tensor] = None,
+        ref_logps: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], None] = None,
+        *,
+        token_weights: Optional[torch.Tensor] = None,
+        kto_labels: Optional[torch.Tensor] = None,
+        kl_hidden: Optional[torch.Tensor] = None,
+        kl_labels: Optional[torch.Tensor] = None,
+        ref_kl_hidden: Optional[torch.Tensor] = None,
+        ref_kl_logps: Optional[torch.Tensor] = None,
+    ) -> PreferenceLossOutput:
+        check_tensor("hidden", hidden)
+        check_tensor("labels", labels)
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden must have shape [2B, T, H] ([chosen; rejected]), got {tuple(hidden.shape)}")
+        if tuple(labels.shape) != tuple(hidden.shape[:2]):
+            raise ValueError(f"labels must have shape {tuple(hidden.shape[:2])} (hidden's [2B, T]), got {tuple(labels.shape)}")
+        if ref_hidden is not None and ref_logps is not None:
+            raise ValueError("pass either ref_hidden (a reference model) or ref_logps (precomputed), not both")
+        labels = shift_labels(labels, self.shift, self.ignore_index)
+        mask = labels != self.ignore_index
+        if self.loss_type in ("kto", "apo_zero_unpaired"):
+            return self._kto(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ref_logps, kto_labels,
+                             kl_hidden, kl_labels, ref_kl_hidden, ref_kl_logps)
+        if hidden.shape[0] % 2 != 0 or hidden.shape[0] == 0:
+            raise ValueError(f"hidden must stack [chosen; rejected] along a non-zero even first dim, got {tuple(hidden.shape)}")
+        ref_seq, ref_tokens = self._reference(ref_hidden, ref_weight if ref_weight is not None else weight,
+                                              ref_bias if ref_weight is not None else bias, labels, ref_logps, mask)
+        if self.loss_type == "salt":
+            return self._salt(hidden, weight, labels, bias, token_weights, mask)
+        if self._use_eager(hidden, weight, bias):
+            return self._eager(hidden, weight, labels, bias, mask, ref_seq, ref_tokens)
+        token_logps = linear_logprobs(hidden, weight, labels, bias, ignore_index=self.ignore_index,
+                                      backend=self.backend)
+        return self._paired_loss(self._batch(token_logps, mask, ref_seq, ref_tokens))
+
+    def _logps(self, hidden, weight, labels, bias):
+        return linear_logprobs(hidden, weight, labels, bias, ignore_index=self.ignore_index, backend=self.backend)
+
+    def _reference(self, ref_hidden, ref_weight, ref_bias, labels, ref_logps, mask):
+        """(per-sequence (chosen, rejected) or None, token-level [2B, T] or None), detached."""
+        if ref_hidden is not None:
+            if tuple(ref_hidden.shape[:2]) != tuple(labels.shape):
+                raise ValueError(f"ref_hidden must have shape [2B, T, H'] with [2B, T] = {tuple(labels.shape)}, "
+                                 f"got {tuple(ref_hidden.shape)}")
+            with torch.no_grad():
+                return None, self._logps(ref_hidden, ref_weight, labels, ref_bias)
+        if ref_logps is None:
+            return None, None
+        if isinstance(ref_logps, (tuple, list)):
+            rc, rr = ref_logps
+            return (rc.detach().float(), rr.detach().float()), None
+        check_tensor("ref_logps", ref_logps)
+        b2 = labels.shape[0]
+        if tuple(ref_logps.shape) == (b2,):
+            return (ref_logps[: b2 // 2].detach().float(), ref_logps[b2 // 2:].detach().float()), None
+        if tuple(ref_logps.shape) == tuple(labels.shape):
+            return None, ref_logps.detach().float()
+        raise ValueError(f"ref_logps must have shape [2B] = [{b2}] (per sequence) or [2B, T] = "
+                         f"{list(labels.shape)} (per token), got {tuple(ref_logps.shape)}")
+
+    def _use_eager(self, hidden, weight, bias) -> bool:
+        if self.mode == "stream" or self.loss_type not in EAGER_LOSS_TYPES or self.empty_completions == "drop":
+            return False
+        if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+            return False
+        if resolve_backend(self.backend, hidden.device, "FusedLinearPreferenceLoss") == "torch":
+            return False
+        if self.mode == "eager":
+            return True
+        pair_bytes = 2 * hidden.shape[1] * weight.shape[0] * 4
+        budget = self.memory_budget or default_memory_budget(hidden.device)
+        return pair_bytes <= budget
+
+    # ---- eager: gradients inside forward ------------------------------------------------------------
+
+    def _eager(self, hidden, weight, labels, bias, mask, ref_seq, ref_tokens) -> PreferenceLossOutput:
+        b2, t, h = hidden.shape
+        b = b2 // 2
+        v = weight.shape[0]
+        dev = hidden.device
+        backend = resolve_backend(self.backend, dev, "FusedLinearPreferenceLoss")
+        budget = self.memory_budget or default_memory_budget(dev)
+        per_pair = 2 * t * v * 4
+        want = max(1, EAGER_TOKENS_PER_CHUNK.get(dev.type, 1024) // (2 * t))
+        chunk = max(1, min(b, want, budget // per_pair))
+
+        need_dx, need_dw = hidden.requires_grad, weight.requires_grad
+        need_db = bias is not None and bias.requires_grad
+        w32 = weight.detach().to(torch.float32)
+        b32 = None if bias is None else bias.detach().to(torch.float32)
+        dx = torch.zeros((b2, t, h), dtype=torch.float32, device=dev) if need_dx else None
+        dw = torch.zeros((v, h), dtype=torch.float32, device=dev) if need_dw else None
+        db = torch.zeros((v,), dtype=torch.float32, device=dev) if need_db else None
+        token_logps = torch.zeros((b2, t), dtype=torch.float32, device=dev)
+        total_chosen = mask[:b].sum().clamp(min=1).to(torch.float32)
+        buf = torch.empty((2 * chunk * t, v), dtype=torch.float32, device=dev)
+        lse = torch.empty(2 * chunk * t, dtype=torch.float32, device=dev)
+        flat_labels = labels.to(torch.int64)
+
+        for s in range(0, b, chunk):
+            e = min(b, s + chunk)
+            c = e - s
+            rows = torch.cat([torch.arange(s, e, device=dev), torch.arange(b + s, b + e, device=dev)])
+            x = hidden.detach()[rows].reshape(-1, h).to(torch.float32)
+            y = flat_labels[rows].reshape(-1).contiguous()
+            z = torch.mm(x, w32.t(), out=buf[: 2 * c * t])
+            if b32 is not None:
+                z.add_(b32)
+            tok = torch.empty(2 * c * t, dtype=torch.float32, device=dev)
+            _row_forward(backend, z, y, self.ignore_index, tok, lse[: 2 * c * t])
+            leaf = tok.view(2 * c, t).requires_grad_()
+            m = mask[rows]
+            with torch.enable_grad():
+                batch = self._batch(leaf, m, self._slice_ref(ref_seq, s, e), None if ref_tokens is None else ref_tokens[rows])
+                # the chunk's share of the batch's token-mean NLL, rescaled because the chunk loss is averaged over c pairs
+                chunk_nll = -(leaf[:c] * m[:c]).sum() / total_chosen * (b / c)
+                batch = replace(batch, chosen_nll=chunk_nll)
+                share = self._paired_loss(batch).loss * (c / b)
+                (g,) = torch.autograd.grad(share, leaf)
+            token_logps[rows] = tok.view(2 * c, t)
+            _row_backward_inplace(backend, g.reshape(-1).contiguous(), z, y, self.ignore_index, lse[: 2 * c * t])
+            if need_dx:
+                dx[rows] = torch.mm(z, w32).view(2 * c, t, h)
+            if need_dw:
+                dw.addmm_(z.t(), x)
+            if need_db:
+                db.add_(z.sum(dim=0))
+
+        out = self._paired_loss(self._batch(token_logps, mask, ref_seq, ref_tokens))
+        loss = _EagerGradients.apply(
+            out.loss.detach(), hidden, weight, bias,
+            None if dx is None else dx.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype),
+        )
+        return replace(out, loss=loss)
+
+    @staticmethod
+    def _slice_ref(ref_seq, s, e):
+        return None if ref_seq is None else (ref_seq[0][s:e], ref_seq[1][s:e])
+
+    # ---- token-level and unpaired losses ----------------------------------------------------------------
+
+    def _salt(self, hidden, weight, labels, bias, token_weights, mask) -> PreferenceLossOutput:
+        if token_weights is None or tuple(token_weights.shape) != tuple(labels.shape):
+            raise ValueError(f"loss_type 'salt' needs token_weights of shape {tuple(labels.shape)} ([edited; generated])")
+        token_logps = self._logps(hidden, weight, labels, bias)
+        b = labels.shape[0] // 2
+        kwargs = dict(self.loss_kwargs)
+        kwargs.setdefault("vocab_size", weight.shape[0])
+        w = token_weights * mask
+        return self.family(token_logps[:b], w[:b], token_logps[b:], w[b:], **kwargs)
+
+    def _kto(self, hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ref_logps, kto_labels,
+             kl_hidden, kl_labels, ref_kl_hidden, ref_kl_logps) -> PreferenceLossOutput:
+        if kto_labels is None or tuple(kto_labels.shape) != (hidden.shape[0],):
+            raise ValueError(f"KTO needs kto_labels of shape [B] = [{hidden.shape[0]}] (True = desirable)")
+        rw = ref_weight if ref_weight is not None else weight
+        rb = ref_bias if ref_weight is not None else bias
+        mask = labels != self.ignore_index
+        policy = (self._logps(hidden, weight, labels, bias) * mask).sum(-1)
+        with torch.no_grad():
+            if ref_hidden is not None:
+                ref = (self._logps(ref_hidden, rw, labels, rb) * mask).sum(-1)
+            elif ref_logps is not None and tuple(ref_logps.shape) == (hidden.shape[0],):
+                ref = ref_logps.detach().float()
+            else:
+                raise ValueError("KTO needs ref_hidden or ref_logps of shape [B]")
+        kl_kwargs = {}
+        if kl_hidden is not None:
+            if kl_labels is None:
+                raise ValueError("kl_hidden needs kl_labels")
+            kl_labels = shift_labels(kl_labels, self.shift, self.ignore_index)
+            kl_mask = kl_labels != self.ignore_index
+            with torch.no_grad():
+                kl_kwargs["kl_policy_logps"] = (self._logps(kl_hidden, weight, kl_labels, bias) * kl_mask).sum(-1)
+                if ref_kl_hidden is not None:
+                    kl_kwargs["kl_ref_logps"] = (self._logps(ref_kl_hidden, rw, kl_labels, rb) * kl_mask).sum(-1)
+                elif ref_kl_logps is not None:
+                    kl_kwargs["kl_ref_logps"] = ref_kl_logps.detach().float()
+                else:
+                    raise ValueError("kl_hidden needs ref_kl_hidden or ref_kl_logps")
+        return self.family(policy, ref, kto_labels, **kl_kwargs, **self.loss_kwargs)
+
+
+def matmul_units(mode: str, with_reference: bool) -> int:
+    """Matmul units (2 N H V FLOPs each) of one training step of the policy, plus the reference pass."""
+    return (3 if mode == "eager" else 4) + (1 if with_reference else 0)
+
+
+__all__ = ["FusedLinearPreferenceLoss", "EAGER_LOSS_TYPES", "default_memory_budget", "matmul_units"]
