@@ -17,7 +17,7 @@ import triton.language as tl
 def _logit_tile(x_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H,
                 stride_xn, stride_xh, stride_wv, stride_wh,
                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
@@ -26,6 +26,9 @@ def _logit_tile(x_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H,
                      mask=mask_n[:, None] & mask_h[None, :], other=0.0)
         wt = tl.load(w_ptr + offs_v[:, None].to(tl.int64) * stride_wv + offs_h[None, :] * stride_wh,
                      mask=mask_v[:, None] & mask_h[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
         acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
@@ -44,7 +47,7 @@ def _linear_lse_forward_kernel(
     ignore_index,
     # meta
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -60,7 +63,7 @@ def _linear_lse_forward_kernel(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_end
         z = _logit_tile(x_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_xn, stride_xh,
-                        stride_wv, stride_wh, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+                        stride_wv, stride_wh, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST)
         z = tl.where(mask_v[None, :], z, -float("inf"))
         new_m = tl.maximum(m, tl.max(z, axis=1))
         tile_s = tl.sum(tl.exp(z - new_m[:, None]), axis=1)
@@ -86,6 +89,7 @@ def _linear_lse_backward_kernel(
     # meta
     HAS_BIAS: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -100,26 +104,33 @@ def _linear_lse_backward_kernel(
     if tl.max(tl.abs(g), axis=0) > 0:
         lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
         z = _logit_tile(x_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_xn, stride_xh,
-                        stride_wv, stride_wh, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+                        stride_wv, stride_wh, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST)
         p = tl.exp(z - lse[:, None])
         onehot = tl.where(offs_v[None, :].to(tl.int64) == y[:, None], 1.0, 0.0)
         dz = g[:, None] * (onehot - p)
         dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)
         if COMPUTE_DB:
             tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v)
-        dz_op = dz.to(x_ptr.dtype.element_ty)
+        if UPCAST:
+            dz_op = dz
+        else:
+            dz_op = dz.to(x_ptr.dtype.element_ty)
         for h0 in range(0, H, BLOCK_H):
             offs_h = h0 + tl.arange(0, BLOCK_H)
             mask_h = offs_h < H
             if COMPUTE_DX:
                 wt = tl.load(w_ptr + offs_v[:, None].to(tl.int64) * stride_wv + offs_h[None, :] * stride_wh,
                              mask=mask_v[:, None] & mask_h[None, :], other=0.0)
+                if UPCAST:
+                    wt = wt.to(tl.float32)
                 dx = tl.dot(dz_op, wt, input_precision=DOT_PRECISION)
                 tl.atomic_add(dx_ptr + offs_n[:, None].to(tl.int64) * stride_dxn + offs_h[None, :], dx,
                               mask=mask_n[:, None] & mask_h[None, :])
             if COMPUTE_DW:
                 xt = tl.load(x_ptr + offs_n[:, None].to(tl.int64) * stride_xn + offs_h[None, :] * stride_xh,
                              mask=mask_n[:, None] & mask_h[None, :], other=0.0)
+                if UPCAST:
+                    xt = xt.to(tl.float32)
                 dw = tl.dot(tl.trans(dz_op), xt, input_precision=DOT_PRECISION)
                 tl.atomic_add(dw_ptr + offs_v[:, None].to(tl.int64) * stride_dwv + offs_h[None, :], dw,
                               mask=mask_v[:, None] & mask_h[None, :])
@@ -134,7 +145,12 @@ def _blocks(x: torch.Tensor) -> Tuple[int, int, int, int, int]:
 
 def _precision(x: torch.Tensor) -> str:
     # fp32 inputs keep full fp32 products (TF32 would change the numbers); half inputs use tensor cores.
-    return "ieee" if x.dtype == torch.float32 else "tf32"
+    return "ieee" if x.dtype == torch.float32 or _upcast(x) else "tf32"
+
+
+def _upcast(x: torch.Tensor) -> bool:
+    # The CPU interpreter gets half-precision dot products wrong: feed it fp32 tiles.
+    return x.device.type != "cuda"
 
 
 def _sm_count(device: torch.device) -> int:
@@ -162,6 +178,7 @@ def linear_lse_forward(
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             ignore_index,
             HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, DOT_PRECISION=_precision(hidden),
+            UPCAST=_upcast(hidden),
             num_warps=warps, num_stages=stages,
         )
     m, s, zy = part[0], part[1], part[2]
@@ -195,7 +212,7 @@ def linear_lse_backward(
         dx.stride(0) if need_dx else 0, dw.stride(0) if need_dw else 0,
         ignore_index,
         HAS_BIAS=bias is not None, COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
-        BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, DOT_PRECISION=_precision(hidden),
+        BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, DOT_PRECISION=_precision(hidden), UPCAST=_upcast(hidden),
         num_warps=warps, num_stages=stages,
     )
     return dx, dw, db
@@ -209,16 +226,16 @@ TRITON_KERNELS = {
         _linear_lse_forward_kernel.fn,
         {**_COMMON, "part_m_ptr": "*fp32", "part_s_ptr": "*fp32", "part_zy_ptr": "*fp32", "V_PER_SPLIT": "i32",
          "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_H": "constexpr",
-         "DOT_PRECISION": "constexpr"},
-        {"HAS_BIAS": True, "BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "DOT_PRECISION": "tf32"},
+         "DOT_PRECISION": "constexpr", "UPCAST": "constexpr"},
+        {"HAS_BIAS": True, "BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "DOT_PRECISION": "tf32", "UPCAST": False},
     ),
     "linear_lse_backward": (
         _linear_lse_backward_kernel.fn,
         {**_COMMON, "lse_ptr": "*fp32", "g_ptr": "*fp32", "dx_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32",
          "stride_dxn": "i64", "stride_dwv": "i64", "HAS_BIAS": "constexpr", "COMPUTE_DX": "constexpr",
          "COMPUTE_DW": "constexpr", "COMPUTE_DB": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
-         "BLOCK_H": "constexpr", "DOT_PRECISION": "constexpr"},
+         "BLOCK_H": "constexpr", "DOT_PRECISION": "constexpr", "UPCAST": "constexpr"},
         {"HAS_BIAS": True, "COMPUTE_DX": True, "COMPUTE_DW": True, "COMPUTE_DB": True, "BLOCK_N": 64,
-         "BLOCK_V": 128, "BLOCK_H": 64, "DOT_PRECISION": "tf32"},
+         "BLOCK_V": 128, "BLOCK_H": 64, "DOT_PRECISION": "tf32", "UPCAST": False},
     ),
 }

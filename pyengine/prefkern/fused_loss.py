@@ -37,7 +37,6 @@ EAGER_LOSS_TYPES = frozenset({
     "discopop", "sft", "sigmoid_norm", "cdpo", "rpo", "simpo", "simpo_hinge", "orpo", "cpo", "cpo_hinge",
     "cpo_ipo", "cpo_simpo", "alphapo", "ipo_paper", "slic_hf",
 })
-PAIRED_LOSS_TYPES = EAGER_LOSS_TYPES | {"aot", "aot_unpaired", "aot_pair", "bco_pair", "c3po"}
 EAGER_TOKENS_PER_CHUNK = {"cpu": 1024, "cuda": 4096}
 
 
@@ -84,7 +83,8 @@ class FusedLinearPreferenceLoss(nn.Module):
     ----------
     loss_type : a name of :func:`prefkern.preference_loss` (``"sigmoid"``, ``"ipo"``, ``"simpo"``,
         ``"orpo"``, ``"cpo"``, ``"kto"``, ``"salt"``, ...; ``"rpo"`` = DPO + NLL).
-    beta : the loss's beta (passed when the family takes one).
+    beta : the loss's beta (passed when the family takes one; default: the family's own default,
+        e.g. 0.1 for DPO, 2.0 for SimPO).
     ignore_index : label value of prompt and padding positions.
     average_log_prob : DPO-family losses see length-averaged log-probs instead of sums.
     nll_weight : DPO-family losses add ``nll_weight`` x the chosen token-mean NLL (RPO).
@@ -119,7 +119,7 @@ class FusedLinearPreferenceLoss(nn.Module):
     def __init__(
         self,
         loss_type: str = "sigmoid",
-        beta: Optional[float] = 0.1,
+        beta: Optional[float] = None,
         ignore_index: int = -100,
         average_log_prob: bool = False,
         nll_weight: float = 0.0,
@@ -132,6 +132,9 @@ class FusedLinearPreferenceLoss(nn.Module):
         **loss_kwargs: Any,
     ) -> None:
         super().__init__()
+        if loss_type == "c3po":
+            raise ValueError("c3po adds constraint terms on other prompts: compute its token log-probs with "
+                             "prefkern.linear_logprobs and call prefkern.c3po_loss")
         self.family = _family(loss_type)
         if mode not in ("auto", "stream", "eager"):
             raise ValueError(f"mode must be 'auto', 'stream' or 'eager', got {mode!r}")

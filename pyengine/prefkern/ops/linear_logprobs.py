@@ -19,7 +19,7 @@ from .. import reference
 from .._validation import (
     FLOAT_DTYPES, check_float, check_index, check_labels_in_range, check_same_device, check_tensor,
 )
-from ..dispatch import resolve_backend
+from ..dispatch import BACKENDS, resolve_backend
 from ._backends import cuda_stream, native_module, triton_kernels
 
 CHUNK_BYTES = 32 << 20  # fp32 logits buffer of the chunked path
@@ -32,6 +32,12 @@ def default_chunk_rows(vocab: int) -> int:
 def _row_forward(backend: str, buf: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                  logp: torch.Tensor, lse: torch.Tensor) -> None:
     k, v = buf.shape
+    if backend == "torch":
+        torch.logsumexp(buf, dim=-1, out=lse)
+        ignored = labels == ignore_index
+        picked = buf.gather(-1, labels.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1)
+        logp.copy_((picked - lse).masked_fill(ignored, 0.0))
+        return
     if backend == "triton":
         lp, ls = triton_kernels("logprobs").logprobs_forward(buf, labels, ignore_index, 1.0)
         logp.copy_(lp)
@@ -47,6 +53,13 @@ def _row_forward(backend: str, buf: torch.Tensor, labels: torch.Tensor, ignore_i
 def _row_backward_inplace(backend: str, grad: torch.Tensor, buf: torch.Tensor, labels: torch.Tensor,
                           ignore_index: int, lse: torch.Tensor) -> None:
     k, v = buf.shape
+    if backend == "torch":
+        ignored = labels == ignore_index
+        g = grad.masked_fill(ignored, 0.0).unsqueeze(-1)
+        safe = labels.masked_fill(ignored, 0).unsqueeze(-1)
+        buf.sub_(lse.unsqueeze(-1)).exp_().mul_(-g)
+        buf.scatter_add_(-1, safe, g)
+        return
     if backend == "triton":
         triton_kernels("logprobs").logprobs_backward(grad, buf, labels, lse, ignore_index, 1.0, out=buf)
         return
@@ -129,8 +142,10 @@ def linear_logprobs_fwd(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
     ignore_index: int, backend: str, chunk_rows: int, deterministic: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Raw op: ``(logp [N], lse [N])`` fp32. ``backend`` is already resolved (native, triton or cuda)."""
+    """Raw op: ``(logp [N], lse [N])`` fp32. ``backend``: auto, native, triton or cuda (torch row
+    kernels on chunks when ``auto`` finds neither)."""
     check_labels_in_range(labels, weight.shape[0], ignore_index)
+    backend = resolve_backend(backend, hidden.device, "linear_logprobs")
     if _uses_tiles(backend, deterministic):
         return triton_kernels("linear_logprobs").linear_lse_forward(hidden, weight, bias, labels, ignore_index)
     return chunked_forward(hidden, weight, bias, labels, ignore_index, backend, chunk_rows)
@@ -149,27 +164,26 @@ def linear_logprobs_bwd(
     deterministic: bool, need_dx: bool, need_dw: bool, need_db: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raw op: ``(dX, dW, db)`` in the dtypes of hidden, weight and bias; an empty tensor where not needed."""
+    backend = resolve_backend(backend, hidden.device, "linear_logprobs")
     if _uses_tiles(backend, deterministic):
         dx, dw, db = triton_kernels("linear_logprobs").linear_lse_backward(
             grad, hidden, weight, bias, labels, lse, ignore_index, need_dx, need_dw, need_db)
     else:
         dx, dw, db = chunked_backward(grad, hidden, weight, bias, labels, lse, ignore_index, backend, chunk_rows,
                                       need_dx, need_dw, need_db)
-    empty = hidden.new_empty(0)
     return (
-        dx.to(hidden.dtype) if dx is not None else empty,
-        dw.to(weight.dtype) if dw is not None else empty,
-        db.to(bias.dtype) if db is not None else empty,
+        dx.to(hidden.dtype) if dx is not None else hidden.new_empty(0),
+        dw.to(weight.dtype) if dw is not None else hidden.new_empty(0),
+        db.to(bias.dtype) if db is not None else hidden.new_empty(0),
     )
 
 
 @linear_logprobs_bwd.register_fake
 def _(grad, hidden, weight, bias, labels, lse, ignore_index, backend, chunk_rows, deterministic, need_dx, need_dw, need_db):
-    empty = hidden.new_empty(0)
     return (
-        torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dx else empty,
-        torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else empty,
-        torch.empty_like(bias) if need_db and bias is not None else empty,
+        torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dx else hidden.new_empty(0),
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else hidden.new_empty(0),
+        torch.empty_like(bias) if need_db and bias is not None else hidden.new_empty(0),
     )
 
 
@@ -229,8 +243,9 @@ def linear_logprobs(
     mode : ``"auto"`` or ``"stream"``: the op never holds more than one chunk (CPU: ``chunk_rows`` x V
         fp32, about 32 MB by default) or one register tile (Triton) of logits. The ``"eager"`` trade
         (gradient inside forward) needs the loss and lives in :class:`prefkern.FusedLinearPreferenceLoss`.
-    backend : ``"auto"`` (Triton tiles on CUDA, native chunks on CPU), ``"native"``, ``"triton"``,
-        ``"cuda"`` (CUDA C++ row kernels on cuBLAS chunks) or ``"torch"`` (materialised reference).
+    backend : ``"auto"`` (Triton tiles on CUDA, native chunks on CPU; torch row ops on chunks, with a
+        warning, when neither can run), ``"native"``, ``"triton"``, ``"cuda"`` (CUDA C++ row kernels on
+        cuBLAS chunks) or ``"torch"`` (the materialised reference).
     chunk_rows : tokens per chunk on the chunked paths (default: a 32 MB fp32 buffer).
     deterministic : the Triton tile backward adds into dX and dW with atomics, so the last bits of
         the gradients vary from run to run. ``True`` runs the chunked path instead (cuBLAS GEMMs,
@@ -277,16 +292,16 @@ def linear_logprobs(
     lead = labels.shape
     labels = shift_labels(labels.to(torch.int64), shift, ignore_index).reshape(-1).contiguous()
     h2 = hidden.reshape(-1, hidden.shape[-1])
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if hidden.dtype == torch.float64:
         if backend not in ("auto", "torch"):
             raise TypeError(f"float64 inputs run on the 'torch' backend only, not {backend!r}")
-        chosen = "torch"
-    else:
-        chosen = resolve_backend(backend, hidden.device, "linear_logprobs")
-    if chosen == "torch":
+        backend = "torch"
+    if backend == "torch":
         check_labels_in_range(labels, weight.shape[0], ignore_index)
         dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         return reference.linear_logprobs(h2, weight, labels, bias, ignore_index, compute_dtype=dtype).reshape(lead)
     rows = chunk_rows or default_chunk_rows(weight.shape[0])
-    logp, _ = linear_logprobs_fwd(h2, weight, bias, labels, ignore_index, chosen, rows, bool(deterministic))
+    logp, _ = linear_logprobs_fwd(h2, weight, bias, labels, ignore_index, backend, rows, bool(deterministic))
     return logp.reshape(lead)
