@@ -22,7 +22,7 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("suites", nargs="*", help=f"suites to run (default: all of {', '.join(SUITES)})")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default=None, help="comma-separated dtypes (default: float32,bfloat16 on CPU, bfloat16 on GPU)")
+    p.add_argument("--dtype", default=None, help="comma-separated dtypes (default: each suite's own: float32 (+ bfloat16 for logprobs) on CPU, bfloat16 on GPU)")
     p.add_argument("--quick", action="store_true", help="one small size per suite (smoke run)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per row (median reported)")
     p.add_argument("--out", type=Path, default=RESULTS, help="where JSON, markdown and PNG go")
@@ -57,9 +57,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if device.type == "cpu":
         _reexec_with_fixed_mmap_threshold(argv)
-    dtype_names = args.dtype.split(",") if args.dtype else (["bfloat16"] if device.type == "cuda" else ["float32", "bfloat16"])
     try:
-        dtypes = [DTYPES[d.strip()] for d in dtype_names]
+        dtypes = [DTYPES[d.strip()] for d in args.dtype.split(",")] if args.dtype else None
     except KeyError as exc:
         print(f"--dtype: unknown dtype {exc}; choose from {list(DTYPES)}", file=sys.stderr)
         return 2
@@ -69,7 +68,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta = report.stamp(device, limits)
     print(f"limits: copy {limits.copy_gbps:.1f} GB/s, GEMM {limits.gemm_tflops:.3f} TFLOP/s ({limits.gemm_dtype})", flush=True)
     for suite in args.suites or list(SUITES):
-        cases, notes = SUITES[suite].cases(device, dtypes, args.quick)
+        module = SUITES[suite]
+        cases, notes = module.cases(device, dtypes or module.DEFAULT_DTYPES[device.type], args.quick)
         results = []
         for i, case in enumerate(cases, 1):
             r = measure(case, device, limits, args.reps)

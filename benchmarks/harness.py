@@ -25,6 +25,7 @@ class Case:
     flops: float = 0.0  # algorithmic FLOPs of one run (FLOP-bound kernels)
     bytes: float = 0.0  # algorithmic bytes of one run (memory-bound kernels)
     baseline: str = "torch"  # method the ratios are taken against
+    result_bytes: float = 0.0  # gradients the run hands back (every method must hold them)
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Result:
     dtype: str
     median_ms: Optional[float]
     peak_extra_mb: Optional[float]
+    working_mb: Optional[float]  # peak extra memory minus the gradients handed back
     achieved: Optional[float]  # GB/s or TFLOP/s
     achieved_unit: str
     fraction_of_limit: Optional[float]
@@ -153,7 +155,7 @@ def measure(case: Case, device: torch.device, limits: MachineLimits, reps: int) 
         ms = median_time_ms(case, device, reps)
         mem = peak_extra_mb(case, device)
     except Exception as exc:  # a baseline that fails at a size is reported, not fatal
-        return Result(case.suite, case.method, case.pass_name, case.size, case.dtype, None, None, None, "",
+        return Result(case.suite, case.method, case.pass_name, case.size, case.dtype, None, None, None, None, "",
                       None, baseline=case.baseline, error=f"{type(exc).__name__}: {str(exc)[:200]}")
     if case.flops:
         achieved, unit = case.flops / (ms * 1e-3) / 1e12, "TFLOP/s"
@@ -163,7 +165,8 @@ def measure(case: Case, device: torch.device, limits: MachineLimits, reps: int) 
         fraction = achieved / limits.copy_gbps
     else:
         achieved, unit, fraction = None, "", None
-    return Result(case.suite, case.method, case.pass_name, case.size, case.dtype, ms, mem, achieved, unit,
+    working = None if mem is None else max(0.0, mem - case.result_bytes / 1e6)
+    return Result(case.suite, case.method, case.pass_name, case.size, case.dtype, ms, mem, working, achieved, unit,
                   fraction, baseline=case.baseline)
 
 
@@ -175,5 +178,5 @@ def attach_ratios(results: List[Result]) -> None:
         if base is None or base.median_ms is None or r.median_ms is None:
             continue
         r.speedup_vs_baseline = base.median_ms / r.median_ms
-        if base.peak_extra_mb and r.peak_extra_mb is not None:
-            r.memory_vs_baseline = r.peak_extra_mb / base.peak_extra_mb
+        if base.working_mb and r.working_mb is not None:
+            r.memory_vs_baseline = r.working_mb / base.working_mb

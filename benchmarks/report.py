@@ -73,17 +73,17 @@ def _fmt(x: Optional[float], spec: str) -> str:
 
 
 def markdown_table(results: List[Result]) -> str:
-    head = ("| method | pass | size | dtype | median ms | peak extra MB | achieved | % of limit "
+    head = ("| method | pass | size | dtype | median ms | peak extra MB | working MB | achieved | % of limit "
             "| speedup vs base | memory vs base |")
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in results:
         if r.error:
-            lines.append(f"| {r.method} | {r.pass_name} | {r.size} | {r.dtype} | failed: {r.error} |  |  |  |  |  |")
+            lines.append(f"| {r.method} | {r.pass_name} | {r.size} | {r.dtype} | failed: {r.error} |  |  |  |  |  |  |")
             continue
         achieved = "-" if r.achieved is None else f"{r.achieved:.3g} {r.achieved_unit}"
         lines.append(
             f"| {r.method} | {r.pass_name} | {r.size} | {r.dtype} | {_fmt(r.median_ms, '.2f')} "
-            f"| {_fmt(r.peak_extra_mb, '.1f')} | {achieved} | {_fmt(None if r.fraction_of_limit is None else 100 * r.fraction_of_limit, '.1f')} "
+            f"| {_fmt(r.peak_extra_mb, '.1f')} | {_fmt(r.working_mb, '.1f')} | {achieved} | {_fmt(None if r.fraction_of_limit is None else 100 * r.fraction_of_limit, '.1f')} "
             f"| {_fmt(r.speedup_vs_baseline, '.2f')}x | {_fmt(r.memory_vs_baseline, '.2f')}x |"
         )
     return "\n".join(lines)
@@ -101,6 +101,9 @@ def header(suite: str, meta: Dict[str, object], notes: List[str]) -> str:
         "Achieved rates count each kernel's algorithmic bytes or FLOPs (the same for every method), so "
         "'% of limit' compares methods on the work that must be done; ratios are against the baseline "
         "method at the same pass, size and dtype (speedup > 1 is faster, memory < 1 is leaner).",
+        "Peak extra memory is the high-water mark of one run above what existed before it; working MB "
+        "subtracts the gradients the run hands back (every method must produce them), and the memory "
+        "ratio compares working MB.",
     ]
     text += [f"- {n}" for n in notes]
     return "\n".join(text) + "\n\n"
@@ -143,7 +146,7 @@ def plot_results(suite: str, meta: Dict[str, object], results: List[Result], pat
     fig, axes = plt.subplots(2, len(passes), figsize=(5 * len(passes), 7), squeeze=False)
     width = 0.8 / max(1, len(methods))
     for col, pass_name in enumerate(passes):
-        for row_i, (metric, label) in enumerate((("median_ms", "median time (ms)"), ("peak_extra_mb", "peak extra memory (MB)"))):
+        for row_i, (metric, label) in enumerate((("median_ms", "median time (ms)"), ("working_mb", "working memory (MB)"))):
             ax = axes[row_i][col]
             for m_i, method in enumerate(methods):
                 ys = []

@@ -1,7 +1,9 @@
-"""Benchmark suites. Each module defines ``cases(device, dtypes, quick) -> (cases, notes)``."""
+"""Benchmark suites. Each module defines ``DEFAULT_DTYPES`` ({device type: [dtype]}) and
+``cases(device, dtypes, quick) -> (cases, notes)``."""
 
-from . import logprobs
+from . import logprobs, preference
 
 SUITES = {
     "logprobs": logprobs,
+    "preference": preference,
 }

@@ -12,6 +12,8 @@ from prefkern.dispatch import backend_status
 
 from ..harness import Case
 
+DEFAULT_DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.bfloat16]}
+
 CPU_SIZES = [(1024, 32000), (4096, 32000), (1024, 128256)]
 GPU_SIZES = [(4096, 32000), (16384, 128256), (8192, 152064)]
 QUICK_SIZES = [(256, 32000)]
@@ -78,8 +80,8 @@ def cases(device: torch.device, dtypes: List[torch.dtype], quick: bool) -> Tuple
                     Case("logprobs", method, "fw", size, dname, fw_setup, lambda s, fn=fn: fn(*s),
                          bytes=n * v * elt + 16 * n),
                     Case("logprobs", method, "bw", size, dname, bw_setup, lambda out, g=g: out.backward(g),
-                         bytes=2 * n * v * elt + 16 * n),
+                         bytes=2 * n * v * elt + 16 * n, result_bytes=n * v * elt),
                     Case("logprobs", method, "fw-bw", size, dname, fw_setup, fwbw_run,
-                         bytes=3 * n * v * elt + 32 * n),
+                         bytes=3 * n * v * elt + 32 * n, result_bytes=n * v * elt),
                 ]
     return out, notes

@@ -59,3 +59,36 @@ def linear_logprobs(
     if bias is not None:
         logits = logits + bias.to(compute_dtype)
     return logprobs(logits, labels, ignore_index, compute_dtype=compute_dtype)
+
+
+def preference_loss_from_hidden(
+    loss_type: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    **loss_kwargs,
+):
+    """TRL's plain path: full logits, log-softmax, gather, masked sums, then the catalog loss.
+
+    hidden : [2B, T, H] ``[chosen; rejected]``; weight : [V, H]; labels : [2B, T]. Returns the
+    catalog's ``PreferenceLossOutput``. What ``FusedLinearPreferenceLoss`` is tested and benchmarked
+    against.
+    """
+    from .losses import preference_batch, preference_loss
+
+    def token_logps(h, w, b):
+        return linear_logprobs(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), b, ignore_index).reshape(labels.shape)
+
+    mask = labels != ignore_index
+    ref_tokens = None
+    if ref_hidden is not None:
+        with torch.no_grad():
+            ref_tokens = token_logps(ref_hidden, weight if ref_weight is None else ref_weight,
+                                     bias if ref_weight is None else ref_bias)
+    batch = preference_batch(token_logps(hidden, weight, bias), mask, ref_tokens)
+    return preference_loss(loss_type, batch=batch, **loss_kwargs)
