@@ -28,6 +28,8 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS, help="where JSON, markdown and PNG go")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--list", action="store_true", help="list the suites and exit")
+    p.add_argument("--summary", action="store_true",
+                   help="print a short table of the results already in --out (fw-bw rows) and exit")
     return p.parse_args(argv)
 
 
@@ -45,6 +47,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.list:
         for name, module in SUITES.items():
             print(f"{name}: {(module.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    if args.summary:
+        print(report.summary(args.out, args.suites or list(SUITES), args.device))
         return 0
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:

@@ -164,3 +164,23 @@ def plot_results(suite: str, meta: Dict[str, object], results: List[Result], pat
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def summary(out_dir: Path, suites: List[str], device: str = "auto") -> str:
+    """One line per fw-bw row (or fw where a suite has no backward) of the saved JSON results."""
+    lines = ["| suite | device | method | size | dtype | ms | working MB | % of limit | speedup |", "|" + "---|" * 9]
+    for suite in suites:
+        for path in sorted(out_dir.glob(f"{suite}_*.json")):
+            data = json.loads(path.read_text())
+            if device != "auto" and data.get("device_type") != device:
+                continue
+            rows = data["results"]
+            wanted = "fw-bw" if any(r["pass_name"] == "fw-bw" for r in rows) else "fw"
+            for r in rows:
+                if r["pass_name"] != wanted or r["median_ms"] is None:
+                    continue
+                frac = "-" if r["fraction_of_limit"] is None else f"{100 * r['fraction_of_limit']:.1f}"
+                speed = "-" if r["speedup_vs_baseline"] is None else f"{r['speedup_vs_baseline']:.2f}x"
+                lines.append(f"| {suite} | {data['device']} | {r['method']} | {r['size']} | {r['dtype']} | "
+                             f"{r['median_ms']:.2f} | {_fmt(r.get('working_mb'), '.1f')} | {frac} | {speed} |")
+    return "\n".join(lines)
