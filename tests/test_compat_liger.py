@@ -158,12 +158,12 @@ KTO_LABELS = torch.tensor([True, False, True, True, False])
 
 
 @pytest.mark.parametrize("use_ref_model", [True, False])
-@pytest.mark.parametrize("kl", [None, "scalar", "per_row"])
+@pytest.mark.parametrize("kl", [None, "float", "scalar", "per_row"])
 @pytest.mark.parametrize("average_log_prob", [False, True])
 def test_kto_matches_liger(liger, use_ref_model, kl, average_log_prob):
     n = KTO_LABELS.numel()
     data = make_batch(rows=n, seed=7)
-    kl_value = {None: None, "scalar": torch.tensor(0.4), "per_row": torch.linspace(-0.2, 0.6, n)}[kl]
+    kl_value = {None: None, "float": -0.3, "scalar": torch.tensor(0.4), "per_row": torch.linspace(-0.2, 0.6, n)}[kl]
     # Liger pairs row i with kl[i] only when the batch is one chunk (see the module docstring).
     chunk = n if kl == "per_row" else 2
     kw = dict(beta=0.3, use_ref_model=use_ref_model, average_log_prob=average_log_prob, chunk_size=chunk)
@@ -284,6 +284,22 @@ def test_kto_against_materialised_logits():
     compare(got, run(plain, data))
 
 
+def test_dpo_agrees_with_fused_linear_preference_loss():
+    from prefkern import FusedLinearPreferenceLoss
+
+    data = make_batch(seed=14)
+    args = (data["hidden"], data["weight"], data["target"], data["bias"])
+    ref = dict(ref_hidden=data["ref_hidden"], ref_weight=data["ref_weight"], ref_bias=data["ref_bias"])
+    core = FusedLinearPreferenceLoss("sigmoid", beta=0.3, nll_weight=0.5, mode="stream")(*args, **ref)
+    loss, aux = ours.LigerFusedLinearDPOLoss(beta=0.3, alpha=0.5, compute_nll_loss=True)(
+        data["weight"], data["hidden"], data["target"], data["bias"], data["ref_hidden"], data["ref_weight"],
+        data["ref_bias"])
+    assert_close(loss, core.loss, "loss")
+    assert_close(aux[5], core.chosen_rewards, "chosen_rewards")
+    assert_close(aux[6], core.rejected_rewards, "rejected_rewards")
+    assert_close(aux[4], core.metrics["nll_loss"], "nll_loss")
+
+
 def test_logits_means_bf16_close_to_fp64():
     data = make_batch(seed=11)
     h, w, b = (data[k].to(torch.bfloat16) for k in ("hidden", "weight", "bias"))
@@ -328,6 +344,9 @@ def test_frozen_head_reference_defaults_to_policy_head():
     (lambda: ours.LigerFusedLinearORPOLoss(chunk_size=0), ValueError, "chunk_size"),
     (lambda: ours.LigerFusedLinearCPOLoss(compiled=1), TypeError, "compiled"),
     (lambda: ours.LigerFusedLinearSimPOLoss(beta=0.0), ValueError, "beta"),
+    (lambda: ours.LigerFusedLinearSimPOLoss(label_smoothing=1.5), ValueError, "label_smoothing"),
+    (lambda: ours.LigerFusedLinearDPOLoss(discopop_tau=0.0), ValueError, "discopop_tau"),
+    (lambda: ours.LigerFusedLinearDPOLoss(use_ref_model=None), TypeError, "use_ref_model"),
     (lambda: ours.LigerFusedLinearKTOLoss(ignore_index=1.5), TypeError, "ignore_index"),
 ])
 def test_constructor_errors(make, exc, name):

@@ -87,6 +87,14 @@ def _number(name: str, value: object) -> float:
     return float(value)
 
 
+def _ranged(name: str, value: object, low: float, high: float = float("inf"), *, low_open: bool = False) -> float:
+    v = _number(name, value)
+    if v < low or (low_open and v == low) or v > high:
+        lo = "(" if low_open else "["
+        raise ValueError(f"{name} must lie in {lo}{low}, {high}], got {v}")
+    return v
+
+
 def _flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
@@ -319,7 +327,7 @@ class LigerFusedLinearDPOLoss(nn.Module):
     label_smoothing : float, default 0.0
         epsilon of ``"robust"`` (in [0, 0.5)) and ``"exo_pair"`` (> 0); ignored by the other types.
     discopop_tau : float, default 0.05
-        Temperature of ``"discopop"``.
+        Temperature of ``"discopop"`` (> 0).
 
     Raises
     ------
@@ -350,7 +358,7 @@ class LigerFusedLinearDPOLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.ignore_index = _integer("ignore_index", ignore_index)
-        self.beta = _number("beta", beta)
+        self.beta = _ranged("beta", beta, 0.0, low_open=True)
         self.alpha = _number("alpha", alpha)
         self.compute_nll_loss = _flag("compute_nll_loss", compute_nll_loss)
         self.compiled = _flag("compiled", compiled)
@@ -364,7 +372,7 @@ class LigerFusedLinearDPOLoss(nn.Module):
                              f"{sorted(self._SUPPORTED_LOSS_TYPES)}")
         self.loss_type = loss_type
         self.label_smoothing = _number("label_smoothing", label_smoothing)
-        self.discopop_tau = _number("discopop_tau", discopop_tau)
+        self.discopop_tau = _ranged("discopop_tau", discopop_tau, 0.0, low_open=True)
         if loss_type == "exo_pair" and self.label_smoothing <= 0.0:
             raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair'. The EXO paper recommends 1e-3.")
         if loss_type == "robust" and not (0.0 <= self.label_smoothing < 0.5):
@@ -550,9 +558,9 @@ class LigerFusedLinearCPOLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.ignore_index = _integer("ignore_index", ignore_index)
-        self.beta = _number("beta", beta)
+        self.beta = _ranged("beta", beta, 0.0, low_open=True)
         self.alpha = _number("alpha", alpha)
-        self.label_smoothing = _number("label_smoothing", label_smoothing)
+        self.label_smoothing = _ranged("label_smoothing", label_smoothing, 0.0, 1.0)
         self.compute_nll_loss = _flag("compute_nll_loss", compute_nll_loss)
         self.compiled = _flag("compiled", compiled)
         self.average_log_prob = _flag("average_log_prob", average_log_prob)
@@ -639,11 +647,9 @@ class LigerFusedLinearSimPOLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.ignore_index = _integer("ignore_index", ignore_index)
-        self.beta = _number("beta", beta)
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
+        self.beta = _ranged("beta", beta, 0.0, low_open=True)
         self.alpha = _number("alpha", alpha)
-        self.label_smoothing = _number("label_smoothing", label_smoothing)
+        self.label_smoothing = _ranged("label_smoothing", label_smoothing, 0.0, 1.0)
         self.compute_nll_loss = _flag("compute_nll_loss", compute_nll_loss)
         self.compiled = _flag("compiled", compiled)
         self.gamma = _number("gamma", gamma)
