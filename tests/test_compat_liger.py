@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 import prefkern.compat.liger as ours
-from prefkern.compat import liger as compat_liger
 
 B, T, H, V = 2, 7, 16, 37
 IGNORE = -100
@@ -189,7 +188,7 @@ def test_kto_no_bias_matches_liger(liger):
 def test_signatures_match_liger(liger):
     import inspect
 
-    for name in compat_liger.__all__:
+    for name in ours.__all__:
         theirs, mine = getattr(liger, name), getattr(ours, name)
         for attr in ("__init__", "forward"):
             a = inspect.signature(getattr(theirs, attr)).parameters
@@ -388,7 +387,7 @@ def test_forward_errors():
 
 
 def test_package_never_imports_liger():
-    root = pathlib.Path(compat_liger.__file__).resolve().parents[1]
+    root = pathlib.Path(ours.__file__).resolve().parents[1]
     for path in root.rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
