@@ -44,8 +44,13 @@ Where prefkern differs (on purpose)
 * ``ref_weight=None`` with a reference model uses the policy's head (``lin_weight`` and, when ``ref_bias``
   is None too, ``bias``), detached; Liger 0.8.5 fails there.
 * KTO with a per-example ``kl`` of shape ``[B]`` pairs example ``i`` with ``kl[i]``. Liger 0.8.5 does that
-  only when the whole batch is one chunk (``chunk_size >= B``); with smaller chunks it broadcasts each
+  only when the whole batch is one chunk (``B // chunk_size <= 1``); with more chunks it broadcasts each
   chunk against all of ``kl``. A scalar ``kl`` gives the same result in both.
+* ``beta`` must be > 0 for DPO, CPO and SimPO, and ``label_smoothing`` lie in [0, 1] for CPO and SimPO
+  (checked at construction; Liger accepts any number).
+* Cost: the policy pass is :func:`prefkern.linear_logprobs`'s stream path (forward, recompute, dX, dW: 4
+  matmul units for a trained step, against Liger's 3) holding one chunk of logits at a time (Liger: the
+  fp32 logits of ``chunk_size`` pairs, plus their log-softmax and gradient); the reference pass is 1 unit.
 * Liger 0.8.5 has no precomputed reference log-probs in these classes, so neither does this module
   (use :class:`prefkern.FusedLinearPreferenceLoss` with ``ref_logps=...`` for that).
 
