@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -11,7 +10,7 @@ from typing import List, Optional
 import torch
 
 from . import report
-from .harness import attach_ratios, measure, measure_limits
+from .harness import attach_ratios, measure, measure_limits, reexec_with_fixed_mmap_threshold
 from .suites import SUITES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,14 +30,6 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--summary", action="store_true",
                    help="print a short table of the results already in --out (fw-bw rows) and exit")
     return p.parse_args(argv)
-
-
-def _reexec_with_fixed_mmap_threshold(argv: List[str]) -> None:
-    # With glibc's dynamic mmap threshold, freed large buffers can stay resident and hide from the
-    # peak-RSS measurement; a fixed threshold returns them to the OS at once.
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-        os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *argv], env)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -61,7 +52,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("--device cuda: no CUDA device is visible", file=sys.stderr)
         return 2
     if device.type == "cpu":
-        _reexec_with_fixed_mmap_threshold(argv)
+        reexec_with_fixed_mmap_threshold("benchmarks", argv)
     try:
         dtypes = [DTYPES[d.strip()] for d in args.dtype.split(",")] if args.dtype else None
     except KeyError as exc:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -180,3 +182,14 @@ def attach_ratios(results: List[Result]) -> None:
         r.speedup_vs_baseline = base.median_ms / r.median_ms
         if base.working_mb and r.working_mb is not None:
             r.memory_vs_baseline = r.working_mb / base.working_mb
+
+
+def reexec_with_fixed_mmap_threshold(module: str, argv: List[str]) -> None:
+    """Restart ``python -m module argv`` with glibc's mmap threshold fixed, once.
+
+    With the dynamic threshold, freed large buffers can stay resident and hide from the peak-RSS
+    measurement; a fixed one returns them to the OS at once.
+    """
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
