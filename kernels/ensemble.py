@@ -74,7 +74,7 @@ def _ensemble_head_forward_kernel(
         acc += tl.load(bias_ptr + ks, mask=kmask, other=0.0)[None, :]
     out_mask = row_mask[:, None] & kmask[None, :]
     tl.store(scores_ptr + ks.to(tl.int64)[None, :] * B + rows[:, None], acc, mask=out_mask)
-    s = _normalize(acc, ks, kmask[None, :], mu_ptr, sigma_ptr, HAS_NORM)
+    s = _normalize(acc, ks, kmask, mu_ptr, sigma_ptr, HAS_NORM)
     combined, mean, var = _combine(s, kmask[None, :], K, lam, inv_dof, METHOD)
     tl.store(combined_ptr + rows, combined, mask=row_mask)
     tl.store(mean_ptr + rows, mean, mask=row_mask)
@@ -100,7 +100,7 @@ def _ensemble_reduce_kernel(
     kmask = ks < K
     ptrs = scores_ptr + ks.to(tl.int64)[None, :] * stride_scores_k + cols[:, None]
     s = tl.load(ptrs, mask=col_mask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-    s = _normalize(s, ks, kmask[None, :], mu_ptr, sigma_ptr, HAS_NORM)
+    s = _normalize(s, ks, kmask, mu_ptr, sigma_ptr, HAS_NORM)
     combined, mean, var = _combine(s, kmask[None, :], K, lam, inv_dof, METHOD)
     tl.store(combined_ptr + cols, combined, mask=col_mask)
     tl.store(mean_ptr + cols, mean, mask=col_mask)
@@ -155,7 +155,7 @@ def ensemble_reduce(
     combined, mean, var = _outputs(n, scores.device)
     if n == 0:
         return combined, mean, var
-    block_k = triton.next_power_of_2(k)
+    block_k = max(2, triton.next_power_of_2(k))  # a size-1 axis does not reduce to a vector in Triton
     block_n = max(16, min(256, 4096 // block_k))
     _ensemble_reduce_kernel[(triton.cdiv(n, block_n),)](
         scores, combined if mu is None else mu, combined if sigma is None else sigma, combined, mean, var,
@@ -185,7 +185,7 @@ TRITON_KERNELS = {
         {**_HEAD_META, "METHOD": 1, "DOT_IN_FP32": True},
     ),
     "ensemble_reduce": (
-        _ensemble_reduce_kernel.fn,
+        _ensemble_reduce_kernel,  # a plain JITFunction: no heuristics wrapper to unwrap
         {"scores_ptr": "*fp32", "mu_ptr": "*fp32", "sigma_ptr": "*fp32", "combined_ptr": "*fp32",
          "mean_ptr": "*fp32", "var_ptr": "*fp32", "N": "i32", "K": "i32", "stride_scores_k": "i64",
          "lam": "fp32", "inv_dof": "fp32", "METHOD": "constexpr", "HAS_NORM": "constexpr",
