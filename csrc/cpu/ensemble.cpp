@@ -22,12 +22,16 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // Dot products of one hidden row with G weight rows, in kLanes lane-wise partial sums per member so
 // that the loop vectorises without reassociation liberties; the row is read from L1 once per group.
+// `next` (or null) is the row scored after this one: rows are gathered, so the hardware prefetcher
+// cannot see it coming; it is pulled into cache alongside, one line per line of this row.
 template <class D, int G>
 PREFKERN_CLONES void dot_group(const typename D::storage* x, const typename D::storage* w, int64_t w_stride,
-                               int64_t h, float* out) {
+                               int64_t h, float* out, const typename D::storage* next) {
+  constexpr int64_t kLine = 64 / sizeof(typename D::storage);
   float acc[G][kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= h; i += kLanes) {
+    if (next && i % kLine == 0) __builtin_prefetch(next + i);
     float xv[kLanes];
     for (int j = 0; j < kLanes; ++j) xv[j] = D::load(x[i + j]);
     for (int g = 0; g < G; ++g)
@@ -44,12 +48,13 @@ PREFKERN_CLONES void dot_group(const typename D::storage* x, const typename D::s
 
 template <class D>
 void dot_all(const typename D::storage* x, const typename D::storage* w, int64_t k, int64_t w_stride, int64_t h,
-             float* out) {
+             float* out, const typename D::storage* next) {
   int64_t m = 0;
-  for (; m + 8 <= k; m += 8) dot_group<D, 8>(x, w + m * w_stride, w_stride, h, out + m);
-  if (m + 4 <= k) { dot_group<D, 4>(x, w + m * w_stride, w_stride, h, out + m); m += 4; }
-  if (m + 2 <= k) { dot_group<D, 2>(x, w + m * w_stride, w_stride, h, out + m); m += 2; }
-  if (m < k) dot_group<D, 1>(x, w + m * w_stride, w_stride, h, out + m);
+  // the first group prefetches the next row; later groups re-read this row from cache
+  for (; m + 8 <= k; m += 8, next = nullptr) dot_group<D, 8>(x, w + m * w_stride, w_stride, h, out + m, next);
+  if (m + 4 <= k) { dot_group<D, 4>(x, w + m * w_stride, w_stride, h, out + m, next); m += 4; next = nullptr; }
+  if (m + 2 <= k) { dot_group<D, 2>(x, w + m * w_stride, w_stride, h, out + m, next); m += 2; next = nullptr; }
+  if (m < k) dot_group<D, 1>(x, w + m * w_stride, w_stride, h, out + m, next);
 }
 
 // Statistics of the K (already normalised) members of one sample.
@@ -118,7 +123,8 @@ void head_impl(const typename D::storage* hidden, int64_t b, int64_t h, int64_t 
     std::vector<float> raw(k), norm(k);
     for (int64_t r = begin; r < end; ++r) {
       const auto* x = hidden + r * stride_b + last[r] * stride_t;
-      dot_all<D>(x, weight, k, w_stride, h, raw.data());
+      const auto* next = r + 1 < end ? hidden + (r + 1) * stride_b + last[r + 1] * stride_t : nullptr;
+      dot_all<D>(x, weight, k, w_stride, h, raw.data(), next);
       for (int64_t i = 0; i < k; ++i) {
         float s = raw[i] + (bias ? bias[i] : 0.0f);
         scores[i * b + r] = s;
