@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from prefkern.dispatch import triton_interpreting
+
 MAX_MEMBERS = 256
 
 
@@ -107,12 +109,6 @@ def _ensemble_reduce_kernel(
     tl.store(var_ptr + cols, var, mask=col_mask)
 
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _outputs(n: int, device: torch.device):
     return tuple(torch.empty(n, dtype=torch.float32, device=device) for _ in range(3))
 
@@ -139,7 +135,7 @@ def ensemble_head_forward(
         dummy if sigma is None else sigma, scores, combined, mean, var,
         b, h, k, hidden.stride(0), hidden.stride(1), weight.stride(0), lam, 1.0 / (k - ddof),
         METHOD=method, HAS_BIAS=bias is not None, HAS_NORM=mu is not None,
-        DOT_IN_FP32=hidden.dtype == torch.float32 or _interpreting(),
+        DOT_IN_FP32=hidden.dtype == torch.float32 or triton_interpreting(),
         BLOCK_N=16, BLOCK_K=block_k, BLOCK_H=block_h, num_warps=4,
     )
     return scores, combined, mean, var

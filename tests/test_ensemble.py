@@ -284,6 +284,8 @@ def test_padding_left_right_lengths_and_masks_agree(backend):
         by_lengths = head(hidden, lengths=lengths, padding_side=side).scores
         torch.testing.assert_close(by_mask, expect, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(by_lengths, by_mask, atol=0, rtol=0)
+        by_numpy = head(hidden, lengths=lengths.numpy(), padding_side=side).scores
+        torch.testing.assert_close(by_numpy, by_mask, atol=0, rtol=0)
         if side == "left":
             assert torch.all(last == t - 1)
         else:
@@ -437,6 +439,8 @@ def test_mismatched_shapes_and_bad_arguments_raise():
         head(torch.randn(2, 4, 8), lengths=torch.tensor([0, 2]))
     with pytest.raises(ValueError, match=r"lengths must be an integer tensor of shape \[B\] = \[2\]"):
         head(torch.randn(2, 4, 8), lengths=torch.tensor([2, 3, 1]))
+    with pytest.raises(ValueError, match="attention_mask is on meta but hidden is on cpu"):
+        head(torch.randn(2, 4, 8), torch.ones(2, 4, device="meta"))
     with pytest.raises(ValueError, match="attention_mask or lengths, not both"):
         head(torch.randn(2, 4, 8), torch.ones(2, 4), lengths=torch.tensor([2, 3]))
     with pytest.raises(ValueError, match=r"normalize mu must have shape \[K\] = \[3\]"):

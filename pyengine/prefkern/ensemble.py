@@ -282,7 +282,8 @@ def _last_positions(
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (b, t):
             shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
             raise ValueError(f"attention_mask must be a [B, T] = [{b}, {t}] tensor, got {shape}")
-        check_same_device(hidden=torch.empty(0, device=device), attention_mask=attention_mask)
+        if attention_mask.device != device:
+            raise ValueError(f"attention_mask is on {attention_mask.device} but hidden is on {device}")
         last = reference.last_token_index(attention_mask)
         if b and bool((last < 0).any()):
             raise ValueError(f"attention_mask row {int((last < 0).nonzero()[0, 0])} has no real token")
@@ -290,7 +291,8 @@ def _last_positions(
     if lengths is not None:
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-        lengths, _ = _as_tensor("lengths", lengths) if isinstance(lengths, np.ndarray) else (lengths, False)
+        if isinstance(lengths, np.ndarray):
+            lengths = torch.from_numpy(lengths)
         if not isinstance(lengths, torch.Tensor) or lengths.shape != (b,) or lengths.is_floating_point():
             raise ValueError(f"lengths must be an integer tensor of shape [B] = [{b}]")
         lengths = lengths.to(device=device, dtype=torch.int64)
