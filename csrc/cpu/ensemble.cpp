@@ -52,9 +52,17 @@ void dot_all(const typename D::storage* x, const typename D::storage* w, int64_t
   int64_t m = 0;
   // the first group prefetches the next row; later groups re-read this row from cache
   for (; m + 8 <= k; m += 8, next = nullptr) dot_group<D, 8>(x, w + m * w_stride, w_stride, h, out + m, next);
-  if (m + 4 <= k) { dot_group<D, 4>(x, w + m * w_stride, w_stride, h, out + m, next); m += 4; next = nullptr; }
-  if (m + 2 <= k) { dot_group<D, 2>(x, w + m * w_stride, w_stride, h, out + m, next); m += 2; next = nullptr; }
-  if (m < k) dot_group<D, 1>(x, w + m * w_stride, w_stride, h, out + m, next);
+  const auto* wm = w + m * w_stride;
+  switch (k - m) {  // the remaining members in one pass, so that K = 5 reads the row once, not 4 + 1
+    case 7: dot_group<D, 7>(x, wm, w_stride, h, out + m, next); break;
+    case 6: dot_group<D, 6>(x, wm, w_stride, h, out + m, next); break;
+    case 5: dot_group<D, 5>(x, wm, w_stride, h, out + m, next); break;
+    case 4: dot_group<D, 4>(x, wm, w_stride, h, out + m, next); break;
+    case 3: dot_group<D, 3>(x, wm, w_stride, h, out + m, next); break;
+    case 2: dot_group<D, 2>(x, wm, w_stride, h, out + m, next); break;
+    case 1: dot_group<D, 1>(x, wm, w_stride, h, out + m, next); break;
+    default: break;
+  }
 }
 
 // Statistics of the K (already normalised) members of one sample.
