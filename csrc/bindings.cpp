@@ -93,4 +93,14 @@ NB_MODULE(_native, m) {
               ptr<float>(mean), ptr<float>(var));
         },
         nb::call_guard<nb::gil_scoped_release>());
+  m.def("ensemble_head_backward_cpu",
+        [](u64 grad, u64 hidden, int dtype, int64_t b, int64_t h, int64_t stride_b, int64_t stride_t, u64 last,
+           u64 weight, int64_t k, int64_t w_stride, u64 grad_hidden, int64_t g_stride_b, int64_t g_stride_t,
+           u64 grad_weight) {
+          prefkern::cpu::ensemble_head_backward(
+              ptr<const float>(grad), ptr<const void>(hidden), dtype, b, h, stride_b, stride_t,
+              ptr<const int64_t>(last), ptr<const void>(weight), k, w_stride, ptr<void>(grad_hidden), g_stride_b,
+              g_stride_t, ptr<float>(grad_weight));
+        },
+        nb::call_guard<nb::gil_scoped_release>());
 }

@@ -29,8 +29,10 @@ def methods(device: torch.device) -> Tuple[List[Tuple[str, str]], List[str]]:
         f"Reduction {METHOD!r} (lambda 0.5, ddof 0) with per-member normalisation.",
         "Bytes counted for the head: the N x H last-token rows read once plus the K x H weight and the "
         "outputs; '% of limit' is that rate over the copy bandwidth (read + write) measured in the same run.",
-        "fw-bw rows: forward, then the backward of sum(combined) to the hidden states, weight and bias "
-        "(prefkern's backward is two small GEMMs on the gathered rows, shared by every backend).",
+        "fw-bw rows: forward, then the backward of sum(combined) to the hidden states, weight and bias. "
+        "Every method allocates a zeroed gradient as large as the hidden states (autograd needs a dense one), "
+        "which dominates these rows; prefkern's CPU backward then writes the scored rows and dW in one pass, "
+        "its GPU backward is two small GEMMs on the gathered rows.",
     ]
     out = [("torch", "torch")]
     for backend in ("native", "triton"):

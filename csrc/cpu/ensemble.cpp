@@ -143,9 +143,62 @@ void head_impl(const typename D::storage* hidden, int64_t b, int64_t h, int64_t 
   });
 }
 
+constexpr int64_t kBackwardTile = 512;  // H columns per tile: K x 512 fp32 of dW and the weight stay in L1
+
+template <class D>
+PREFKERN_CLONES void backward_tile(const float* grad, const typename D::storage* hidden, int64_t b, int64_t h, int64_t h0,
+                                   int64_t cnt, int64_t stride_b, int64_t stride_t, const int64_t* last,
+                                   const typename D::storage* weight, int64_t k, int64_t w_stride,
+                                   typename D::storage* grad_hidden, int64_t g_stride_b, int64_t g_stride_t,
+                                   float* grad_weight) {
+  alignas(64) float dx[kBackwardTile];
+  for (int64_t r = 0; r < b; ++r) {
+    if (grad_hidden) {
+      std::fill(dx, dx + cnt, 0.0f);
+      for (int64_t m = 0; m < k; ++m) {
+        float g = grad[m * b + r];
+        const auto* w = weight + m * w_stride + h0;
+        for (int64_t i = 0; i < cnt; ++i) dx[i] += g * D::load(w[i]);
+      }
+      auto* out = grad_hidden + r * g_stride_b + last[r] * g_stride_t + h0;
+      for (int64_t i = 0; i < cnt; ++i) out[i] = D::store(dx[i]);
+    }
+    if (grad_weight) {
+      const auto* x = hidden + r * stride_b + last[r] * stride_t + h0;
+      for (int64_t i = 0; i < cnt; ++i) dx[i] = D::load(x[i]);
+      for (int64_t m = 0; m < k; ++m) {
+        float g = grad[m * b + r];
+        float* dw = grad_weight + m * h + h0;
+        for (int64_t i = 0; i < cnt; ++i) dw[i] += g * dx[i];
+      }
+    }
+  }
+}
+
 float inverse_dof(int64_t k, int ddof) { return 1.0f / static_cast<float>(k - ddof); }
 
 }  // namespace
+
+void ensemble_head_backward(const float* grad, const void* hidden, int dtype, int64_t b, int64_t h,
+                            int64_t stride_b, int64_t stride_t, const int64_t* last, const void* weight, int64_t k,
+                            int64_t w_stride, void* grad_hidden, int64_t g_stride_b, int64_t g_stride_t,
+                            float* grad_weight) {
+  if (grad_weight) std::fill(grad_weight, grad_weight + k * h, 0.0f);
+  if (b == 0 || h == 0) return;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using D = decltype(tag);
+    using S = typename D::storage;
+    int64_t tiles = (h + kBackwardTile - 1) / kBackwardTile;
+    parallel_for_rows(tiles, b * k * kBackwardTile, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        int64_t h0 = t * kBackwardTile;
+        backward_tile<D>(grad, static_cast<const S*>(hidden), b, h, h0, std::min(kBackwardTile, h - h0), stride_b,
+                         stride_t, last, static_cast<const S*>(weight), k, w_stride, static_cast<S*>(grad_hidden),
+                         g_stride_b, g_stride_t, grad_weight);
+      }
+    });
+  });
+}
 
 void ensemble_reduce(const void* scores, int dtype, int64_t k, int64_t n, int64_t stride_k, const float* mu,
                      const float* sigma, int method, float lam, int ddof, float* combined, float* mean,

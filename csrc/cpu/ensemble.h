@@ -25,4 +25,14 @@ void ensemble_head_forward(const void* hidden, int dtype, int64_t b, int64_t h, 
                            int method, float lam, int ddof, float* scores, float* combined, float* mean,
                            float* var);
 
+// Backward of the heads given grad [K, B] fp32 = d loss / d raw score s[k, b]:
+// grad_hidden[b, last[b], :] = sum_k grad[k, b] * weight[k, :] (dtype of hidden; element (b, t, h) at
+// grad_hidden + b * g_stride_b + t * g_stride_t + h; other positions are left untouched, so the caller
+// passes a zeroed tensor) and grad_weight[k, :] = sum_b grad[k, b] * hidden[b, last[b], :] ([K, H] fp32,
+// contiguous). Either output may be null. Threads split H, so the sums over b are deterministic.
+void ensemble_head_backward(const float* grad, const void* hidden, int dtype, int64_t b, int64_t h,
+                            int64_t stride_b, int64_t stride_t, const int64_t* last, const void* weight, int64_t k,
+                            int64_t w_stride, void* grad_hidden, int64_t g_stride_b, int64_t g_stride_t,
+                            float* grad_weight);
+
 }  // namespace prefkern::cpu

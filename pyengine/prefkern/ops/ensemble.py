@@ -2,7 +2,8 @@
 
 Both return fp32 (float64 for float64 inputs on the torch backend). Their backward is shared: the
 gradient reaching the member scores through the reduction (``_members_grad``) is a few [K, N] torch
-ops, and the head's weight/hidden gradients are two small GEMMs on the gathered last-token rows.
+ops; the head's weight/hidden gradients (``prefkern::ensemble_head_bwd``) are one native pass over the
+scored rows on the CPU and two small GEMMs on the gathered last-token rows elsewhere.
 """
 
 from __future__ import annotations
@@ -164,11 +165,46 @@ def _(hidden, last, weight, bias, mu, sigma, method, lam, ddof, check_finite, ba
     return (hidden.new_empty((k, b), dtype=dtype), *(hidden.new_empty(b, dtype=dtype) for _ in range(3)))
 
 
+@torch.library.custom_op("prefkern::ensemble_head_bwd", mutates_args=())
+def ensemble_head_bwd(
+    grad: torch.Tensor, hidden: torch.Tensor, last: torch.Tensor, weight: torch.Tensor, need_hidden: bool,
+    need_weight: bool, backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Raw op: ``(grad_hidden [B, T, H] in hidden's dtype, grad_weight [K, H] in the compute dtype)`` from
+    ``grad`` [K, B] = d loss / d raw scores; an output not asked for comes back as an empty tensor."""
+    b, _, h = hidden.shape
+    k = weight.shape[0]
+    dtype = grad.dtype
+    grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_hidden else hidden.new_empty(0)
+    chosen = resolve_backend(backend, hidden.device, "ensemble_head")
+    if chosen == "native":
+        grad_weight = torch.empty((k, h), dtype=torch.float32) if need_weight else grad.new_empty(0)
+        native_module().ensemble_head_backward_cpu(
+            grad.data_ptr(), hidden.data_ptr(), dtype_code(hidden), b, h, hidden.stride(0), hidden.stride(1),
+            last.data_ptr(), weight.data_ptr(), k, weight.stride(0), grad_hidden.data_ptr() if need_hidden else 0,
+            grad_hidden.stride(0) if need_hidden else 0, grad_hidden.stride(1) if need_hidden else 0,
+            grad_weight.data_ptr() if need_weight else 0,
+        )
+        return grad_hidden, grad_weight
+    rows = torch.arange(b, device=hidden.device)
+    if need_hidden:
+        grad_hidden[rows, last] = (grad.t() @ weight.to(dtype)).to(hidden.dtype)
+    grad_weight = grad @ hidden[rows, last].to(dtype) if need_weight else grad.new_empty(0)
+    return grad_hidden, grad_weight
+
+
+@ensemble_head_bwd.register_fake
+def _(grad, hidden, last, weight, need_hidden, need_weight, backend):
+    gh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else hidden.new_empty(0)
+    gw = grad.new_empty(weight.shape) if need_weight else grad.new_empty(0)
+    return gh, gw
+
+
 def _head_setup_context(ctx, inputs, output):
-    hidden, last, weight, bias, mu, sigma, method, lam, ddof, _check, _backend = inputs
+    hidden, last, weight, bias, mu, sigma, method, lam, ddof, _check, backend = inputs
     scores = output[0]
     ctx.save_for_backward(hidden, last, weight, scores, mu, sigma)
-    ctx.method, ctx.lam, ctx.ddof, ctx.has_bias = method, lam, ddof, bias is not None
+    ctx.method, ctx.lam, ctx.ddof, ctx.has_bias, ctx.backend = method, lam, ddof, bias is not None, backend
 
 
 def _head_backward(ctx, g_scores, g_combined, g_mean, g_var):
@@ -176,13 +212,12 @@ def _head_backward(ctx, g_scores, g_combined, g_mean, g_var):
     g = _members_grad(scores, mu, sigma, ctx.method, ctx.lam, ctx.ddof, g_combined, g_mean, g_var)
     if g_scores is not None:
         g = g + g_scores.to(g.dtype)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     grad_hidden = grad_weight = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
-        grad_hidden[rows, last] = (g.t() @ weight.to(g.dtype)).to(hidden.dtype)
-    if ctx.needs_input_grad[2]:
-        grad_weight = (g @ hidden[rows, last].to(g.dtype)).to(weight.dtype)
+    if need_hidden or need_weight:
+        gh, gw = ensemble_head_bwd(g.contiguous(), hidden, last, weight, need_hidden, need_weight, ctx.backend)
+        grad_hidden = gh if need_hidden else None
+        grad_weight = gw.to(weight.dtype) if need_weight else None
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_bias = g.sum(dim=1)
     return grad_hidden, None, grad_weight, grad_bias, None, None, None, None, None, None, None
