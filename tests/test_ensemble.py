@@ -357,6 +357,18 @@ def test_group_size_on_the_head():
     torch.testing.assert_close(out.combined.argmax(dim=1), flat.combined.reshape(3, 4).argmax(dim=1))
 
 
+def test_normalization_survives_dtype_casts_and_state_dict():
+    head = make_head(16, 2)
+    head.set_normalization([0.123456789, -1.0], [1.000001, 2.0])
+    head = head.bfloat16()
+    assert head.weight.dtype == torch.bfloat16 and head.norm_mean.dtype == torch.float64
+    assert head.norm_mean[0].item() == 0.123456789 and head.norm_std[0].item() == 1.000001
+    other = make_head(16, 2)
+    other.set_normalization([0.0, 0.0], [1.0, 1.0])
+    other.load_state_dict(head.state_dict())
+    assert other.norm_mean[0].item() == 0.123456789
+
+
 def test_calibrate_sets_normalization_from_reference_batch():
     head = make_head(16, 3)
     ref = torch.randn(200, 2, 16)

@@ -349,6 +349,16 @@ class EnsembleRewardHead(nn.Module):
         return (f"hidden_size={self.hidden_size}, num_members={self.num_members}, bias={self.bias is not None}, "
                 f"method={self.method!r}, lam={self.lam}, ddof={self.ddof}")
 
+    def _apply(self, fn, *args, **kwargs):
+        # module.to(dtype) / .bfloat16() cast floating buffers; the calibration statistics stay float64
+        # (a bf16 mu would shift every normalised score), and only follow the device.
+        stats = (self.norm_mean, self.norm_std)
+        out = super()._apply(fn, *args, **kwargs)
+        if stats[0] is not None:
+            self.norm_mean = stats[0].to(device=self.norm_mean.device)
+            self.norm_std = stats[1].to(device=self.norm_std.device)
+        return out
+
     def set_normalization(self, mu: Any, sigma: Any) -> None:
         """Store per-member calibration statistics ([K] each); ``None, None`` removes them."""
         if mu is None and sigma is None:
