@@ -465,6 +465,18 @@ def test_mismatched_shapes_and_bad_arguments_raise():
         prefkern.EnsembleRewardHead(8, 1, ddof=1)
 
 
+def test_check_finite_false_skips_host_syncs_and_clamps():
+    head = make_head(8, 2, check_finite=False)
+    hidden = torch.randn(3, 4, 8)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+    out = head(hidden, mask)  # row 1 has no real token: scored at position 0 instead of raising
+    expect = truth_head(hidden, torch.tensor([1, 0, 3]), head.weight, head.bias).float()
+    torch.testing.assert_close(out.scores, expect, atol=1e-5, rtol=1e-5)
+    out = head(hidden, lengths=torch.tensor([0, 9, 2]))  # clamped into [1, T]
+    expect = truth_head(hidden, torch.tensor([0, 3, 1]), head.weight, head.bias).float()
+    torch.testing.assert_close(out.scores, expect, atol=1e-5, rtol=1e-5)
+
+
 # ---- Bradley-Terry training ------------------------------------------------------------------------------
 
 

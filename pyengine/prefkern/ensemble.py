@@ -274,8 +274,10 @@ def bradley_terry_loss(
 
 def _last_positions(
     t: int, b: int, device: torch.device, attention_mask: Optional[torch.Tensor], lengths: Optional[ArrayLike],
-    padding_side: str,
+    padding_side: str, validate: bool = True,
 ) -> torch.Tensor:
+    """[B] int64 positions to score. ``validate=False`` skips the checks that need a host synchronisation
+    and clamps instead (a row without a real token scores position 0, lengths are clamped into [1, T])."""
     if attention_mask is not None and lengths is not None:
         raise ValueError("pass attention_mask or lengths, not both")
     if attention_mask is not None:
@@ -285,6 +287,8 @@ def _last_positions(
         if attention_mask.device != device:
             raise ValueError(f"attention_mask is on {attention_mask.device} but hidden is on {device}")
         last = reference.last_token_index(attention_mask)
+        if not validate:
+            return last.clamp(min=0)
         if b and bool((last < 0).any()):
             raise ValueError(f"attention_mask row {int((last < 0).nonzero()[0, 0])} has no real token")
         return last
@@ -296,7 +300,9 @@ def _last_positions(
         if not isinstance(lengths, torch.Tensor) or lengths.shape != (b,) or lengths.is_floating_point():
             raise ValueError(f"lengths must be an integer tensor of shape [B] = [{b}]")
         lengths = lengths.to(device=device, dtype=torch.int64)
-        if b and bool(((lengths < 1) | (lengths > t)).any()):
+        if not validate:
+            lengths = lengths.clamp(1, t)
+        elif b and bool(((lengths < 1) | (lengths > t)).any()):
             raise ValueError(f"lengths must lie in [1, T={t}], got {lengths.tolist()[:16]}")
         return lengths - 1 if padding_side == "right" else torch.full_like(lengths, t - 1)
     return torch.full((b,), t - 1, dtype=torch.int64, device=device)
@@ -315,7 +321,9 @@ class EnsembleRewardHead(nn.Module):
     bias : learn a bias per member
     method, lam, ddof : default reduction (see ``ensemble_reduce``); overridable per call
     backend : ``"auto"``, ``"native"``, ``"triton"``, ``"torch"``
-    check_finite : raise ValueError when a member score is NaN or Inf (one host synchronisation)
+    check_finite : raise ValueError when a member score is NaN or Inf, a mask row has no real token or a
+        length lies outside [1, T] (host synchronisations). False makes ``forward`` free of host syncs for
+        generation loops: positions are clamped instead (an empty mask row scores position 0).
 
     Buffers ``norm_mean`` and ``norm_std`` ([K], float64) hold calibration statistics once set by
     ``set_normalization`` or ``calibrate``; the reduction then normalises each member first.
@@ -421,7 +429,7 @@ class EnsembleRewardHead(nn.Module):
             raise ValueError("hidden must have at least one position (T >= 1)")
         check_same_device(hidden=hidden, weight=self.weight)
         _check_group_size(group_size, b)
-        last = _last_positions(t, b, hidden.device, attention_mask, lengths, padding_side)
+        last = _last_positions(t, b, hidden.device, attention_mask, lengths, padding_side, self.check_finite)
         backend = _resolve_float64(hidden, backend, "hidden states")
         compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         if hidden.stride(2) != 1:
