@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cpu/logprobs.h"
+#include "cpu/ensemble.h"
 #include "cpu/parallel.h"
 #ifdef PREFKERN_HAS_CUDA
 #include "cuda/logprobs.h"
@@ -71,4 +72,35 @@ NB_MODULE(_native, m) {
                      "logprobs_backward_cuda");
         });
 #endif
+
+  // ---- ensemble ------------------------------------------------------------------------------
+  m.def("ensemble_reduce_cpu",
+        [](u64 scores, int dtype, int64_t k, int64_t n, int64_t stride_k, u64 mu, u64 sigma, int method,
+           float lam, int ddof, u64 combined, u64 mean, u64 var) {
+          prefkern::cpu::ensemble_reduce(ptr<const void>(scores), dtype, k, n, stride_k, ptr<const float>(mu),
+                                         ptr<const float>(sigma), method, lam, ddof, ptr<float>(combined),
+                                         ptr<float>(mean), ptr<float>(var));
+        },
+        nb::call_guard<nb::gil_scoped_release>());
+  m.def("ensemble_head_forward_cpu",
+        [](u64 hidden, int dtype, int64_t b, int64_t h, int64_t stride_b, int64_t stride_t, u64 last,
+           u64 weight, int64_t k, int64_t w_stride, u64 bias, u64 mu, u64 sigma, int method, float lam,
+           int ddof, u64 scores, u64 combined, u64 mean, u64 var) {
+          prefkern::cpu::ensemble_head_forward(
+              ptr<const void>(hidden), dtype, b, h, stride_b, stride_t, ptr<const int64_t>(last),
+              ptr<const void>(weight), k, w_stride, ptr<const float>(bias), ptr<const float>(mu),
+              ptr<const float>(sigma), method, lam, ddof, ptr<float>(scores), ptr<float>(combined),
+              ptr<float>(mean), ptr<float>(var));
+        },
+        nb::call_guard<nb::gil_scoped_release>());
+  m.def("ensemble_head_backward_cpu",
+        [](u64 grad, u64 hidden, int dtype, int64_t b, int64_t h, int64_t stride_b, int64_t stride_t, u64 last,
+           u64 weight, int64_t k, int64_t w_stride, u64 grad_hidden, int64_t g_stride_b, int64_t g_stride_t,
+           u64 grad_weight) {
+          prefkern::cpu::ensemble_head_backward(
+              ptr<const float>(grad), ptr<const void>(hidden), dtype, b, h, stride_b, stride_t,
+              ptr<const int64_t>(last), ptr<const void>(weight), k, w_stride, ptr<void>(grad_hidden), g_stride_b,
+              g_stride_t, ptr<float>(grad_weight));
+        },
+        nb::call_guard<nb::gil_scoped_release>());
 }

@@ -1,9 +1,10 @@
 """Benchmark suites. Each module defines ``DEFAULT_DTYPES`` ({device type: [dtype]}) and
 ``cases(device, dtypes, quick) -> (cases, notes)``."""
 
-from . import logprobs, preference
+from . import ensemble, logprobs, preference
 
 SUITES = {
     "logprobs": logprobs,
     "preference": preference,
+    "ensemble": ensemble,
 }

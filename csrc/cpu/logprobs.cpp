@@ -7,12 +7,6 @@
 #include "cpu/parallel.h"
 #include "cpu/simd_math.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define PREFKERN_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define PREFKERN_CLONES
-#endif
-
 namespace prefkern::cpu {
 namespace {
 

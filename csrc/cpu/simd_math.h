@@ -6,6 +6,14 @@
 #include <cstdint>
 #include <cstring>
 
+// Hot loops are compiled twice, for AVX2+FMA (x86-64-v3) and for the baseline, and the loader picks
+// the one the CPU runs: one portable wheel, vector code where the machine has it.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PREFKERN_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PREFKERN_CLONES
+#endif
+
 namespace prefkern {
 
 enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };

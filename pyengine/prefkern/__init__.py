@@ -8,6 +8,7 @@ Public API (each op takes ``backend="auto"|"native"|"triton"|"cuda"|"torch"``):
 - ``FusedLinearPreferenceLoss``: any loss of the catalog on hidden states (stream and eager modes).
 - ``preference_loss`` and the loss catalog (``prefkern.losses``): every objective of LOSSES.md.
 - ``reference``: the plain-PyTorch truth every kernel is tested against.
+- ``ensemble_reduce``, ``EnsembleRewardHead``, ``RewardEnsemble``: ensemble reward scoring (mean / WCO / UWO).
 """
 
 from ._version import __version__
@@ -19,5 +20,12 @@ from .losses import *  # noqa: F401,F403
 from .losses import __all__ as _losses_all
 from .fused_loss import FusedLinearPreferenceLoss
 
+from .ensemble import (  # noqa: E402
+    EnsembleRewardHead, EnsembleScores, RewardEnsemble, bootstrap_weights, bradley_terry_loss, calibration_stats,
+    ensemble_reduce,
+)
+
 __all__ = ["__version__", "info", "logprobs", "linear_logprobs", "FusedLinearPreferenceLoss", "reference"]
 __all__ += list(_losses_all)
+__all__ += ["ensemble_reduce", "EnsembleRewardHead", "RewardEnsemble", "EnsembleScores", "calibration_stats",
+            "bradley_terry_loss", "bootstrap_weights"]

@@ -1,0 +1,88 @@
+"""GPU-only ensemble checks (marked ``gpu``; skipped without CUDA, run by benchmarks/gpu_check.sh)."""
+
+import numpy as np
+import pytest
+import torch
+
+import prefkern
+from prefkern import reference
+from tolerance import assert_within_torch_error
+
+pytestmark = pytest.mark.gpu
+
+
+def _truth(hidden, last, weight, bias):
+    x = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].double()
+    return weight.double() @ x.t() + bias.double()[:, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,t,h,k", [(1, 1, 16, 1), (37, 5, 1000, 5), (4096, 2, 4096, 8), (513, 3, 3072, 16), (64, 2, 256, 40)])
+@pytest.mark.parametrize("method", ["mean", "wco", "uwo"])
+def test_head_triton_gpu(dtype, b, t, h, k, method):
+    head = prefkern.EnsembleRewardHead(h, k, method=method, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        head.weight.normal_(0, h ** -0.5)
+    head.set_normalization(torch.randn(k), torch.rand(k) + 0.5)
+    hidden = torch.randn(b, t, h, device="cuda").to(dtype)
+    lengths = torch.randint(1, t + 1, (b,), device="cuda")
+    last = lengths - 1
+    out = head(hidden, lengths=lengths, backend="triton")
+    s64 = _truth(hidden, last, head.weight, head.bias)
+    mu, sigma = head.norm_mean, head.norm_std
+    ref64 = [s64, *reference.ensemble_reduce(s64, method, 0.5, 0, mu, sigma, torch.float64)]
+    torch_d = reference.ensemble_head(hidden, last, head.weight, head.bias, method, 0.5, 0, mu.to(dtype),
+                                      sigma.to(dtype), compute_dtype=dtype)
+    for name, got, td, r in zip(("scores", "combined", "mean", "var"), (out.scores, out.combined, out.mean, out.var),
+                                torch_d, ref64):
+        assert_within_torch_error(got, td, r, dtype, f"{method} {name}")
+
+
+def test_head_backward_gpu_matches_cpu():
+    head = prefkern.EnsembleRewardHead(256, 5, method="uwo")
+    hidden = torch.randn(64, 3, 256)
+    mask = (torch.rand(64, 3) > 0.3).long()
+    mask[:, 0] = 1
+    x_cpu = hidden.clone().requires_grad_()
+    head(x_cpu, mask).combined.sum().backward()
+    g_cpu = head.weight.grad.clone()
+    head_gpu = head.cuda()
+    head_gpu.weight.grad = None
+    x_gpu = hidden.cuda().requires_grad_()
+    head_gpu(x_gpu, mask.cuda()).combined.sum().backward()
+    torch.testing.assert_close(x_gpu.grad.cpu(), x_cpu.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head_gpu.weight.grad.cpu(), g_cpu, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k,n", [(1, 7), (5, 100_000), (16, 4097)])
+def test_reduce_triton_gpu(k, n):
+    s = torch.randn(k, n, device="cuda")
+    for method in ("mean", "wco", "uwo"):
+        for ddof in (0, 1) if k > 1 else (0,):
+            out = prefkern.ensemble_reduce(s, method, lam=0.5, ddof=ddof, normalize=([0.5] * k, [2.0] * k),
+                                           backend="triton")
+            a = (s.double().cpu().numpy() - 0.5) / 2.0
+            mean, var = a.mean(0), a.var(0, ddof=ddof)
+            want = {"mean": mean, "wco": a.min(0), "uwo": mean - 0.5 * var}[method]
+            np.testing.assert_allclose(out.combined.cpu().numpy(), want, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(out.var.cpu().numpy(), var, rtol=1e-5, atol=1e-6)
+
+
+def test_head_is_one_launch():
+    head = prefkern.EnsembleRewardHead(4096, 8, device="cuda", dtype=torch.bfloat16)
+    hidden = torch.randn(512, 2, 4096, device="cuda", dtype=torch.bfloat16)
+    last = torch.ones(512, dtype=torch.long, device="cuda")
+    weight = head.weight.detach()
+    bias = head.bias.detach().float()
+    prefkern.ops.ensemble.ensemble_head_fwd(hidden, last, weight, bias, None, None, 2, 0.5, 0, False, "triton")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        prefkern.ops.ensemble.ensemble_head_fwd(hidden, last, weight, bias, None, None, 2, 0.5, 0, False, "triton")
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    launches = {e.name for e in kernels if "Memset" not in e.name and "memcpy" not in e.name.lower()}
+    assert launches == {"_ensemble_head_forward_kernel"}, launches
+
+
+def test_cuda_backend_says_there_is_no_cuda_cpp_kernel():
+    with pytest.raises(RuntimeError, match="no CUDA C\\+\\+ kernel"):
+        prefkern.ensemble_reduce(torch.randn(3, 4, device="cuda"), backend="cuda")
