@@ -223,14 +223,14 @@ _COMMON = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "labels_ptr": "
            "ignore_index": "i64"}
 TRITON_KERNELS = {
     "linear_lse_forward": (
-        _linear_lse_forward_kernel.fn,
+        _linear_lse_forward_kernel,
         {**_COMMON, "part_m_ptr": "*fp32", "part_s_ptr": "*fp32", "part_zy_ptr": "*fp32", "V_PER_SPLIT": "i32",
          "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_H": "constexpr",
          "DOT_PRECISION": "constexpr", "UPCAST": "constexpr"},
         {"HAS_BIAS": True, "BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "DOT_PRECISION": "tf32", "UPCAST": False},
     ),
     "linear_lse_backward": (
-        _linear_lse_backward_kernel.fn,
+        _linear_lse_backward_kernel,
         {**_COMMON, "lse_ptr": "*fp32", "g_ptr": "*fp32", "dx_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32",
          "stride_dxn": "i64", "stride_dwv": "i64", "HAS_BIAS": "constexpr", "COMPUTE_DX": "constexpr",
          "COMPUTE_DW": "constexpr", "COMPUTE_DB": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",

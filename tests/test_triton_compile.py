@@ -23,6 +23,8 @@ results = {}
 for info in pkgutil.iter_modules(prefkern.kernels.__path__):
     module = importlib.import_module(f"prefkern.kernels.{info.name}")
     for name, (fn, signature, constexprs) in getattr(module, "TRITON_KERNELS", {}).items():
+        while not hasattr(fn, "arg_names"):  # unwrap @triton.heuristics / @triton.autotune
+            fn = fn.fn
         for cap in (80, 90):
             key = f"{info.name}.{name}@sm_{cap}"
             try:
