@@ -13,3 +13,5 @@ from .dispatch import info
 from .ops.logprobs import logprobs
 
 __all__ = ["__version__", "info", "logprobs", "reference"]
+from .ops.sampling import sample  # sampling (issue #6)
+__all__ += ["sample"]  # sampling (issue #6)

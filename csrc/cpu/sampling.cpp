@@ -1,0 +1,250 @@
+#include "cpu/sampling.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/parallel.h"
+#include "cpu/sampling_rng.h"
+#include "cpu/simd_math.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PREFKERN_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PREFKERN_CLONES
+#endif
+
+namespace prefkern::cpu {
+namespace {
+
+constexpr int64_t kBlock = 2048;
+constexpr int kLanes = 16;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// log(x) for normal x > 0 (Cephes logf, ~1 ulp), branch-free so that the Gumbel loop vectorises.
+inline float log_pos(float x) {
+  uint32_t bits = float_to_bits(x);
+  float e = static_cast<float>(static_cast<int32_t>((bits >> 23) & 0xffu) - 126);
+  float m = bits_to_float((bits & 0x7fffffu) | 0x3f000000u);  // [0.5, 1)
+  bool small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  float f = small ? m + m - 1.0f : m - 1.0f;
+  float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y += e * -2.12194440e-4f;
+  y += -0.5f * z;
+  return f + y + e * 0.693359375f;
+}
+
+inline float gumbel(uint32_t key, uint32_t column) {
+  return -log_pos(-log_pos(sampling_uniform(key, column)));
+}
+
+struct RowResult {
+  int64_t token;
+  float logprob;
+};
+
+// Temperature-only: one read of the row. Per block: z into L1 scratch (with max and a NaN/+inf
+// check), Gumbel-perturbed scores beside it, their argmax, and the online log-sum-exp.
+template <class D>
+PREFKERN_CLONES RowResult sample_plain(const typename D::storage* row, int64_t vocab, float inv_t,
+                                       uint32_t key, float* zbuf, float* gbuf) {
+  float m = -kInf, s = 0.0f, best = -kInf, best_z = 0.0f;
+  int64_t best_v = -1;
+  int bad = 0;
+  for (int64_t v0 = 0; v0 < vocab; v0 += kBlock) {
+    int64_t count = std::min(kBlock, vocab - v0);
+    float bm = -kInf;
+    for (int64_t i = 0; i < count; ++i) {
+      float z = D::load(row[v0 + i]) * inv_t;
+      zbuf[i] = z;
+      bad |= !(z < kInf);
+      bm = std::max(bm, z);
+    }
+    float gm = -kInf;
+    for (int64_t i = 0; i < count; ++i) {
+      gbuf[i] = zbuf[i] + gumbel(key, static_cast<uint32_t>(v0 + i));
+      gm = std::max(gm, gbuf[i]);
+    }
+    if (gm > best) {
+      int64_t i = 0;
+      while (gbuf[i] != gm) ++i;
+      best = gm, best_v = v0 + i, best_z = zbuf[i];
+    }
+    if (bm == -kInf) continue;
+    float nm = std::max(m, bm);
+    float lanes[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= count; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) lanes[j] += exp_nonpos(zbuf[i + j] - nm);
+    float bs = 0.0f;
+    for (; i < count; ++i) bs += exp_nonpos(zbuf[i] - nm);
+    for (int j = 0; j < kLanes; ++j) bs += lanes[j];
+    s = s * exp_nonpos(m - nm) + bs;
+    m = nm;
+  }
+  if (bad || m == -kInf || best_v < 0) return {-1, 0.0f};
+  return {best_v, best_z - m - std::log(s)};
+}
+
+template <class D>
+RowResult sample_greedy(const typename D::storage* row, int64_t vocab) {
+  float best = -kInf;
+  int64_t best_v = -1;
+  bool bad = false;
+  for (int64_t v = 0; v < vocab; ++v) {
+    float x = D::load(row[v]);
+    bad |= !(x < kInf);
+    if (x > best) best = x, best_v = v;
+  }
+  if (bad || best_v < 0) return {-1, 0.0f};
+  return {best_v, 0.0f};
+}
+
+// sup{t : sum over a[i] >= t of exp(a[i] - m) >= target}: a quickselect on the weighted values (the
+// array is permuted, never sorted beyond 16 elements). Expected O(n).
+PREFKERN_CLONES float weighted_threshold(float* a, int64_t n, float m, float target) {
+  float acc = 0.0f;
+  int64_t lo = 0, hi = n;
+  float last = a[0];
+  while (hi - lo > 16) {
+    float x0 = a[lo], x1 = a[lo + (hi - lo) / 2], x2 = a[hi - 1];
+    float pivot = std::max(std::min(x0, x1), std::min(std::max(x0, x1), x2));
+    // three-way partition of [lo, hi): > pivot | == pivot | < pivot
+    int64_t gt = lo, i = lo, lt = hi;
+    while (i < lt) {
+      float x = a[i];
+      if (x > pivot) std::swap(a[gt++], a[i++]);
+      else if (x < pivot) std::swap(a[i], a[--lt]);
+      else ++i;
+    }
+    float mass_gt = 0.0f;
+    for (int64_t j = lo; j < gt; ++j) mass_gt += exp_nonpos(a[j] - m);
+    if (acc + mass_gt >= target) {
+      hi = gt;
+      continue;
+    }
+    float mass_eq = static_cast<float>(lt - gt) * exp_nonpos(pivot - m);
+    last = pivot;
+    if (acc + mass_gt + mass_eq >= target) return pivot;
+    acc += mass_gt + mass_eq;
+    lo = lt;
+  }
+  std::sort(a + lo, a + hi, [](float x, float y) { return x > y; });
+  for (int64_t i = lo; i < hi;) {
+    float x = a[i];
+    float mass = 0.0f;
+    while (i < hi && a[i] == x) mass += exp_nonpos(a[i++] - m);
+    acc += mass;
+    last = x;
+    if (acc >= target) return x;
+  }
+  return last;  // rounding left the target just out of reach: keep everything seen
+}
+
+// Filtered sampling: z into scratch (one read of the row), thresholds by selection on a compacted
+// candidate list (min_p: z >= max + log(min_p); top_k: k-th largest z; top_p: weighted select), then
+// Gumbel-max over the survivors.
+template <class D>
+RowResult sample_filtered(const typename D::storage* row, int64_t vocab, float inv_t, int64_t k, float p,
+                          float min_p, uint32_t key, float* z, float* cand) {
+  float m = -kInf;
+  int bad = 0;
+  for (int64_t v = 0; v < vocab; ++v) {
+    float x = D::load(row[v]) * inv_t;
+    z[v] = x;
+    bad |= !(x < kInf);
+    m = std::max(m, x);
+  }
+  if (bad || m == -kInf) return {-1, 0.0f};
+  float t = min_p > 0.0f ? m + std::log(min_p) : -kInf;
+  int64_t n = 0;
+  for (int64_t v = 0; v < vocab; ++v) {
+    cand[n] = z[v];
+    n += z[v] >= t;
+  }
+  if (k > 0 && k < n) {
+    std::nth_element(cand, cand + (k - 1), cand + n, [](float x, float y) { return x > y; });
+    t = std::max(t, cand[k - 1]);
+    int64_t kept = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      float x = cand[i];
+      cand[kept] = x;
+      kept += x >= t;
+    }
+    n = kept;
+  }
+  if (p < 1.0f) {
+    float total = 0.0f;
+    for (int64_t i = 0; i < n; ++i) total += exp_nonpos(cand[i] - m);
+    t = std::max(t, weighted_threshold(cand, n, m, p * total));
+  }
+  float best = -kInf, best_z = 0.0f, s = 0.0f;
+  int64_t best_v = -1;
+  for (int64_t v = 0; v < vocab; ++v) {
+    float x = z[v];
+    if (!(x >= t)) continue;
+    s += exp_nonpos(x - m);
+    float g = x + gumbel(key, static_cast<uint32_t>(v));
+    if (g > best) best = g, best_v = v, best_z = x;
+  }
+  if (best_v < 0) return {-1, 0.0f};
+  return {best_v, best_z - m - std::log(s)};
+}
+
+template <class D>
+void sample_impl(const typename D::storage* logits, int64_t n_out, int64_t vocab, int64_t row_stride,
+                 const int64_t* row_index, const float* temperature, const int64_t* top_k,
+                 const float* top_p, const float* min_p, const int64_t* seed, const int64_t* offset,
+                 int64_t* tokens, float* logprobs) {
+  parallel_for_rows(n_out, vocab, [&](int64_t begin, int64_t end) {
+    std::vector<float> zbuf, cand;
+    alignas(64) float blk_z[kBlock], blk_g[kBlock];
+    for (int64_t r = begin; r < end; ++r) {
+      const auto* row = logits + row_index[r] * row_stride;
+      float temp = temperature[r];
+      int64_t k = top_k[r];
+      float p = top_p[r], mp = min_p[r];
+      uint32_t key = sampling_row_key(seed[r], offset[r], r);
+      RowResult res;
+      bool use_k = k > 0 && k < vocab, use_p = p < 1.0f, use_mp = mp > 0.0f;
+      if (!(temp > 0.0f)) {
+        res = sample_greedy<D>(row, vocab);
+      } else if (!use_k && !use_p && !use_mp) {
+        res = sample_plain<D>(row, vocab, 1.0f / temp, key, blk_z, blk_g);
+      } else {
+        if (static_cast<int64_t>(zbuf.size()) < vocab) zbuf.resize(vocab), cand.resize(vocab);
+        res = sample_filtered<D>(row, vocab, 1.0f / temp, use_k ? k : 0, use_p ? p : 1.0f,
+                                 use_mp ? mp : 0.0f, key, zbuf.data(), cand.data());
+      }
+      tokens[r] = res.token;
+      logprobs[r] = res.logprob;
+    }
+  });
+}
+
+}  // namespace
+
+void sample(const void* logits, int dtype, int64_t n_out, int64_t vocab, int64_t row_stride,
+            const int64_t* row_index, const float* temperature, const int64_t* top_k, const float* top_p,
+            const float* min_p, const int64_t* seed, const int64_t* offset, int64_t* tokens,
+            float* logprobs) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using D = decltype(tag);
+    sample_impl<D>(static_cast<const typename D::storage*>(logits), n_out, vocab, row_stride, row_index,
+                   temperature, top_k, top_p, min_p, seed, offset, tokens, logprobs);
+  });
+}
+
+}  // namespace prefkern::cpu
