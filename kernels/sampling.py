@@ -1,0 +1,207 @@
+"""Token sampling: Gumbel-max in one read for temperature-only rows; for filtered rows (top-k, top-p,
+min-p) each threshold is found without sorting by a multi-pivot search on the value axis, then one
+Gumbel-max pass over the survivors. The random stream is the counter-based hash of
+``prefkern.reference.sampling_row_key`` / ``sampling_uniforms``, operation for operation."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_PASSES = 40
+
+
+@triton.jit
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def _row_key(seed, offset, row):
+    s = seed.to(tl.uint64, bitcast=True)
+    o = offset.to(tl.uint64, bitcast=True)
+    k = _mix32((s & 0xFFFFFFFF).to(tl.uint32) ^ 0x9E3779B9)
+    k = _mix32(k ^ (s >> 32).to(tl.uint32))
+    k = _mix32(k ^ (o & 0xFFFFFFFF).to(tl.uint32))
+    k = _mix32(k ^ (o >> 32).to(tl.uint32))
+    return _mix32(k ^ row.to(tl.uint32))
+
+
+@triton.jit
+def _gumbel(key, cols):
+    h = _mix32(_mix32(key ^ cols.to(tl.uint32)) + 0x6A09E667)
+    u = (((h >> 9) << 1) | 1).to(tl.float32) * 5.9604644775390625e-8
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def _search(row_ptr, V, inv_t, m, lo, top, goal,
+            FRACTION: tl.constexpr, MASS: tl.constexpr, BLOCK_V: tl.constexpr, NP: tl.constexpr,
+            MAXP: tl.constexpr):
+    """sup{t : G(t) >= target}, G(t) = sum of w(z) over z >= max(t, lo); target = goal or goal * G(lo)."""
+    jj = tl.arange(0, NP)
+    target = goal
+    result = lo
+    active = 1
+    it = 0
+    while (active == 1) & (it < MAXP):
+        frac = jj.to(tl.float32) / (NP - 1)
+        piv = tl.where(jj == 0, lo, tl.where(jj == NP - 1, top, lo + (top - lo) * frac))
+        g = tl.zeros([NP], dtype=tl.float32)
+        a = tl.full([NP], float("inf"), tl.float32)
+        b = tl.full([NP], -float("inf"), tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            z = tl.load(row_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32) * inv_t
+            inr = z >= lo
+            if MASS:
+                w = tl.where(inr, tl.exp(z - m), 0.0)
+            else:
+                w = tl.where(inr, 1.0, 0.0)
+            ge = (z[:, None] >= piv[None, :]) & inr[:, None]
+            g += tl.sum(tl.where(ge, w[:, None], 0.0), axis=0)
+            a = tl.minimum(a, tl.min(tl.where(ge, z[:, None], float("inf")), axis=0))
+            b = tl.maximum(b, tl.max(tl.where((~ge) & inr[:, None], z[:, None], -float("inf")), axis=0))
+        g0 = tl.max(tl.where(jj == 0, g, -float("inf")), axis=0)
+        if FRACTION:
+            target = tl.where(it == 0, goal * g0, target)
+        n_ok = tl.sum((g >= target).to(tl.int32), axis=0)
+        J = n_ok - 1
+        a_j = tl.max(tl.where(jj == J, a, -float("inf")), axis=0)
+        b_j1 = tl.max(tl.where(jj == J + 1, b, -float("inf")), axis=0)
+        new_lo = tl.where(J <= 0, lo, a_j)
+        few = g0 < target
+        at_top = J == NP - 1
+        single = ~(b_j1 > new_lo)
+        result = tl.where(few, lo, tl.where(at_top, top, new_lo))
+        active = tl.where(few | at_top | single, 0, 1)
+        lo = tl.where(few, lo, new_lo)
+        top = tl.where(few | at_top, top, b_j1)
+        it += 1
+    return tl.where(active == 1, lo, result)
+
+
+@triton.jit
+def _sample_kernel(
+    # pointers
+    logits_ptr, row_index_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, offset_ptr,
+    tokens_ptr, logprobs_ptr,
+    # shapes
+    V,
+    # strides
+    stride_logits_l,
+    # meta
+    BLOCK_V: tl.constexpr, NP: tl.constexpr, MAXP: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + tl.load(row_index_ptr + r) * stride_logits_l
+    temp = tl.load(temperature_ptr + r)
+    k = tl.load(top_k_ptr + r)
+    p = tl.load(top_p_ptr + r)
+    mp = tl.load(min_p_ptr + r)
+    key = _row_key(tl.load(seed_ptr + r), tl.load(offset_ptr + r), r)
+    greedy = ~(temp > 0.0)
+    inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, temp))
+    use_k = (k > 0) & (k < V)
+    use_p = p < 1.0
+    use_mp = mp > 0.0
+    filtered = (~greedy) & (use_k | use_p | use_mp)
+
+    # pass 1: max, min finite value, NaN/+inf check; the temperature-only draw and log-sum-exp
+    m = -float("inf")
+    zmin = float("inf")
+    s = 0.0
+    bad = 0
+    best = -float("inf")
+    best_idx = -1
+    best_z = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        inb = offs < V
+        z = tl.load(row_ptr + offs, mask=inb, other=-float("inf")).to(tl.float32) * inv_t
+        bad = tl.maximum(bad, tl.max(tl.where(inb & ~(z < float("inf")), 1, 0), axis=0))
+        zmin = tl.minimum(zmin, tl.min(tl.where(z > -float("inf"), z, float("inf")), axis=0))
+        new_m = tl.maximum(m, tl.max(z, axis=0))
+        s = tl.where(new_m == -float("inf"), 0.0, s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0))
+        m = new_m
+        gk = tl.where(greedy, z, z + _gumbel(key, offs))
+        blk_best = tl.max(gk, axis=0)
+        blk_idx = tl.argmax(gk, axis=0)
+        blk_z = tl.max(tl.where(tl.arange(0, BLOCK_V) == blk_idx, z, -float("inf")), axis=0)
+        take = blk_best > best
+        best = tl.where(take, blk_best, best)
+        best_idx = tl.where(take, (v0 + blk_idx).to(tl.int64), best_idx)
+        best_z = tl.where(take, blk_z, best_z)
+    lp = tl.where(greedy, 0.0, best_z - m - tl.log(s))
+
+    if filtered:
+        t = tl.where(use_mp, m + tl.log(tl.where(use_mp, mp, 1.0)), zmin)
+        if use_k:
+            tk = _search(row_ptr, V, inv_t, m, t, m, k.to(tl.float32), False, False, BLOCK_V, NP, MAXP)
+            t = tl.maximum(t, tk)
+        if use_p:
+            tp = _search(row_ptr, V, inv_t, m, t, m, p, True, True, BLOCK_V, NP, MAXP)
+            t = tl.maximum(t, tp)
+        best = -float("inf")
+        best_idx = -1
+        best_z = 0.0
+        s = 0.0
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            z = tl.load(row_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32) * inv_t
+            kept = z >= t
+            s += tl.sum(tl.where(kept, tl.exp(z - m), 0.0), axis=0)
+            gk = tl.where(kept, z + _gumbel(key, offs), -float("inf"))
+            blk_best = tl.max(gk, axis=0)
+            blk_idx = tl.argmax(gk, axis=0)
+            blk_z = tl.max(tl.where(tl.arange(0, BLOCK_V) == blk_idx, z, -float("inf")), axis=0)
+            take = blk_best > best
+            best = tl.where(take, blk_best, best)
+            best_idx = tl.where(take, (v0 + blk_idx).to(tl.int64), best_idx)
+            best_z = tl.where(take, blk_z, best_z)
+        lp = best_z - m - tl.log(s)
+
+    invalid = (bad > 0) | (m == -float("inf")) | (best_idx < 0)
+    tl.store(tokens_ptr + r, tl.where(invalid, -1, best_idx))
+    tl.store(logprobs_ptr + r, tl.where(invalid, 0.0, lp))
+
+
+def _block_v(vocab: int) -> int:
+    return max(16, min(2048, triton.next_power_of_2(max(vocab, 1))))
+
+
+def sample(
+    logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+    top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens [R] int64 and logprobs [R] fp32; ``logits`` [L, V] with unit column stride, every per-row
+    argument a contiguous [R] tensor (see ``prefkern.ops.sampling.sample_op``)."""
+    r = row_index.shape[0]
+    v = logits.shape[1]
+    tokens = torch.empty(r, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(r, dtype=torch.float32, device=logits.device)
+    if r == 0:
+        return tokens, logprobs
+    _sample_kernel[(r,)](
+        logits, row_index, temperature, top_k, top_p, min_p, seed, offset, tokens, logprobs,
+        v, logits.stride(0), BLOCK_V=_block_v(v), NP=16, MAXP=MAX_PASSES, num_warps=8,
+    )
+    return tokens, logprobs
+
+
+TRITON_KERNELS = {
+    "sample": (
+        _sample_kernel.fn,
+        {"logits_ptr": "*bf16", "row_index_ptr": "*i64", "temperature_ptr": "*fp32", "top_k_ptr": "*i64",
+         "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "seed_ptr": "*i64", "offset_ptr": "*i64",
+         "tokens_ptr": "*i64", "logprobs_ptr": "*fp32", "V": "i32", "stride_logits_l": "i64",
+         "BLOCK_V": "constexpr", "NP": "constexpr", "MAXP": "constexpr"},
+        {"BLOCK_V": 2048, "NP": 16, "MAXP": MAX_PASSES},
+    ),
+}
