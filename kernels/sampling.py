@@ -44,6 +44,7 @@ def _gumbel(key, cols):
 def _search(row_ptr, V, inv_t, m, lo, top, goal,
             FRACTION: tl.constexpr, MASS: tl.constexpr, BLOCK_V: tl.constexpr, NP: tl.constexpr,
             MAXP: tl.constexpr):
+    # BLOCK_V here is the search tile: [BLOCK_V, NP] comparisons per step, kept small for registers
     """sup{t : G(t) >= target}, G(t) = sum of w(z) over z >= max(t, lo); target = goal or goal * G(lo)."""
     jj = tl.arange(0, NP)
     target = goal
@@ -97,7 +98,7 @@ def _sample_kernel(
     # strides
     stride_logits_l,
     # meta
-    BLOCK_V: tl.constexpr, NP: tl.constexpr, MAXP: tl.constexpr,
+    BLOCK_V: tl.constexpr, SEARCH_V: tl.constexpr, NP: tl.constexpr, MAXP: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + tl.load(row_index_ptr + r) * stride_logits_l
@@ -119,7 +120,8 @@ def _sample_kernel(
     s = 0.0
     bad = 0
     best = -float("inf")
-    best_idx = -1
+    neg1 = r * 0 - 1
+    best_idx = neg1
     best_z = 0.0
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
@@ -143,13 +145,13 @@ def _sample_kernel(
     if filtered:
         t = tl.where(use_mp, m + tl.log(tl.where(use_mp, mp, 1.0)), zmin)
         if use_k:
-            tk = _search(row_ptr, V, inv_t, m, t, m, k.to(tl.float32), False, False, BLOCK_V, NP, MAXP)
+            tk = _search(row_ptr, V, inv_t, m, t, m, k.to(tl.float32), False, False, SEARCH_V, NP, MAXP)
             t = tl.maximum(t, tk)
         if use_p:
-            tp = _search(row_ptr, V, inv_t, m, t, m, p, True, True, BLOCK_V, NP, MAXP)
+            tp = _search(row_ptr, V, inv_t, m, t, m, p, True, True, SEARCH_V, NP, MAXP)
             t = tl.maximum(t, tp)
         best = -float("inf")
-        best_idx = -1
+        best_idx = neg1
         best_z = 0.0
         s = 0.0
         for v0 in range(0, V, BLOCK_V):
@@ -190,18 +192,18 @@ def sample(
         return tokens, logprobs
     _sample_kernel[(r,)](
         logits, row_index, temperature, top_k, top_p, min_p, seed, offset, tokens, logprobs,
-        v, logits.stride(0), BLOCK_V=_block_v(v), NP=16, MAXP=MAX_PASSES, num_warps=8,
+        v, logits.stride(0), BLOCK_V=_block_v(v), SEARCH_V=min(256, _block_v(v)), NP=16, MAXP=MAX_PASSES, num_warps=8,
     )
     return tokens, logprobs
 
 
 TRITON_KERNELS = {
     "sample": (
-        _sample_kernel.fn,
+        _sample_kernel,
         {"logits_ptr": "*bf16", "row_index_ptr": "*i64", "temperature_ptr": "*fp32", "top_k_ptr": "*i64",
          "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "seed_ptr": "*i64", "offset_ptr": "*i64",
          "tokens_ptr": "*i64", "logprobs_ptr": "*fp32", "V": "i32", "stride_logits_l": "i64",
-         "BLOCK_V": "constexpr", "NP": "constexpr", "MAXP": "constexpr"},
-        {"BLOCK_V": 2048, "NP": 16, "MAXP": MAX_PASSES},
+         "BLOCK_V": "constexpr", "SEARCH_V": "constexpr", "NP": "constexpr", "MAXP": "constexpr"},
+        {"BLOCK_V": 2048, "SEARCH_V": 256, "NP": 16, "MAXP": MAX_PASSES},
     ),
 }
