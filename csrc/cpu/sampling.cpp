@@ -65,18 +65,31 @@ PREFKERN_CLONES RowResult sample_plain(const typename D::storage* row, int64_t v
   int bad = 0;
   for (int64_t v0 = 0; v0 < vocab; v0 += kBlock) {
     int64_t count = std::min(kBlock, vocab - v0);
-    float bm = -kInf;
-    for (int64_t i = 0; i < count; ++i) {
+    // lane-wise max / flags: a plain float max reduction does not vectorise without -ffast-math
+    float zl[kLanes], gl[kLanes];
+    int badl[kLanes] = {};
+    for (int j = 0; j < kLanes; ++j) zl[j] = -kInf, gl[j] = -kInf;
+    int64_t i = 0;
+    for (; i + kLanes <= count; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) {
+        float z = D::load(row[v0 + i + j]) * inv_t;
+        float g = z + gumbel(key, static_cast<uint32_t>(v0 + i + j));
+        zbuf[i + j] = z;
+        gbuf[i + j] = g;
+        badl[j] |= !(z < kInf);
+        zl[j] = zl[j] > z ? zl[j] : z;
+        gl[j] = gl[j] > g ? gl[j] : g;
+      }
+    float bm = -kInf, gm = -kInf;
+    for (; i < count; ++i) {
       float z = D::load(row[v0 + i]) * inv_t;
       zbuf[i] = z;
+      gbuf[i] = z + gumbel(key, static_cast<uint32_t>(v0 + i));
       bad |= !(z < kInf);
       bm = std::max(bm, z);
-    }
-    float gm = -kInf;
-    for (int64_t i = 0; i < count; ++i) {
-      gbuf[i] = zbuf[i] + gumbel(key, static_cast<uint32_t>(v0 + i));
       gm = std::max(gm, gbuf[i]);
     }
+    for (int j = 0; j < kLanes; ++j) bad |= badl[j], bm = std::max(bm, zl[j]), gm = std::max(gm, gl[j]);
     if (gm > best) {
       int64_t i = 0;
       while (gbuf[i] != gm) ++i;
@@ -85,7 +98,7 @@ PREFKERN_CLONES RowResult sample_plain(const typename D::storage* row, int64_t v
     if (bm == -kInf) continue;
     float nm = std::max(m, bm);
     float lanes[kLanes] = {};
-    int64_t i = 0;
+    i = 0;
     for (; i + kLanes <= count; i += kLanes)
       for (int j = 0; j < kLanes; ++j) lanes[j] += exp_nonpos(zbuf[i + j] - nm);
     float bs = 0.0f;

@@ -33,7 +33,7 @@ PREFKERN_HD uint32_t sampling_row_key(int64_t seed, int64_t offset, int64_t row)
 // Uniform in (0, 1): (2 * (h >> 9) + 1) * 2^-24, exact in float32 on every backend.
 PREFKERN_HD float sampling_uniform(uint32_t key, uint32_t column) {
   uint32_t h = mix32(mix32(key ^ column) + 0x6a09e667u);
-  return static_cast<float>(((h >> 9) << 1) | 1u) * 5.9604644775390625e-8f;
+  return static_cast<float>(static_cast<int32_t>(((h >> 9) << 1) | 1u)) * 5.9604644775390625e-8f;
 }
 
 }  // namespace prefkern

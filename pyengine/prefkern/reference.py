@@ -239,3 +239,32 @@ def rso_select(rewards, num_samples: int, beta: float, uniforms) -> list:
         remaining = [i for i in remaining if i not in taken]
         j += 1
     return accepted
+
+
+def sample_sort_path(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Torch's sort-based top-k / top-p sampling as vLLM's native (non-FlashInfer) path does it: the
+    benchmark baseline. Sort ascending, mask below the k-th largest, softmax + cumsum to mask the
+    bottom ``1 - top_p`` of the mass (keeping the largest), scatter back, softmax, and draw with the
+    exponential trick ``argmax(p / q)``, ``q ~ Exp(1)``. Returns tokens [R] int64."""
+    x = logits.float() / temperature
+    if top_k is not None or top_p is not None:
+        v = x.shape[-1]
+        xs, idx = x.sort(dim=-1, descending=False)
+        if top_k is not None:
+            kth = xs.gather(1, torch.full((x.shape[0], 1), v - top_k, device=x.device))
+            xs = xs.masked_fill(xs < kth, -float("inf"))
+        if top_p is not None:
+            cum = xs.softmax(dim=-1).cumsum(dim=-1)
+            mask = cum <= 1 - top_p
+            mask[:, -1] = False
+            xs = xs.masked_fill(mask, -float("inf"))
+        x = xs.scatter(-1, idx, xs)
+    probs = x.softmax(dim=-1)
+    q = torch.empty_like(probs).exponential_(generator=generator)
+    return probs.div_(q).argmax(dim=-1)
