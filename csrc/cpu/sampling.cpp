@@ -166,41 +166,122 @@ PREFKERN_CLONES float weighted_threshold(float* a, int64_t n, float m, float tar
   return last;  // rounding left the target just out of reach: keep everything seen
 }
 
-// Filtered sampling: z into scratch (one read of the row), thresholds by selection on a compacted
-// candidate list (min_p: z >= max + log(min_p); top_k: k-th largest z; top_p: weighted select), then
-// Gumbel-max over the survivors.
+// z = row * inv_t into scratch with its max and a NaN/+inf flag (lane-wise so that it vectorises).
 template <class D>
-RowResult sample_filtered(const typename D::storage* row, int64_t vocab, float inv_t, int64_t k, float p,
-                          float min_p, uint32_t key, float* z, float* cand) {
+PREFKERN_CLONES float convert_row(const typename D::storage* row, int64_t vocab, float inv_t, float* z, int* bad) {
+  float ml[kLanes];
+  int bl[kLanes] = {};
+  for (int j = 0; j < kLanes; ++j) ml[j] = -kInf;
+  int64_t v = 0;
+  for (; v + kLanes <= vocab; v += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      float x = D::load(row[v + j]) * inv_t;
+      z[v + j] = x;
+      bl[j] |= !(x < kInf);
+      ml[j] = ml[j] > x ? ml[j] : x;
+    }
   float m = -kInf;
-  int bad = 0;
-  for (int64_t v = 0; v < vocab; ++v) {
+  int b = 0;
+  for (; v < vocab; ++v) {
     float x = D::load(row[v]) * inv_t;
     z[v] = x;
-    bad |= !(x < kInf);
+    b |= !(x < kInf);
     m = std::max(m, x);
   }
-  if (bad || m == -kInf) return {-1, 0.0f};
-  float t = min_p > 0.0f ? m + std::log(min_p) : -kInf;
+  for (int j = 0; j < kLanes; ++j) b |= bl[j], m = std::max(m, ml[j]);
+  *bad = b;
+  return m;
+}
+
+// sum of exp(a[i] - m) over a[i] >= thr.
+PREFKERN_CLONES float masked_mass(const float* a, int64_t n, float m, float thr) {
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j] >= thr ? exp_nonpos(a[i + j] - m) : 0.0f;
+  float s = 0.0f;
+  for (; i < n; ++i) s += a[i] >= thr ? exp_nonpos(a[i] - m) : 0.0f;
+  for (int j = 0; j < kLanes; ++j) s += lanes[j];
+  return s;
+}
+
+int64_t compact(const float* z, int64_t vocab, float thr, float* cand) {
   int64_t n = 0;
   for (int64_t v = 0; v < vocab; ++v) {
     cand[n] = z[v];
-    n += z[v] >= t;
+    n += z[v] >= thr;
   }
-  if (k > 0 && k < n) {
-    std::nth_element(cand, cand + (k - 1), cand + n, [](float x, float y) { return x > y; });
-    t = std::max(t, cand[k - 1]);
-    int64_t kept = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      float x = cand[i];
-      cand[kept] = x;
-      kept += x >= t;
+  return n;
+}
+
+constexpr int64_t kSample = 1024;  // strided sample that guesses a safe lower bound of a threshold
+
+// Filtered sampling: z into scratch (one read of the row), thresholds by selection on a compacted
+// candidate list (min_p: z >= max + log(min_p); top_k: k-th largest z; top_p: weighted select), then
+// Gumbel-max over the survivors. For large V a strided sample first guesses a lower bound of the
+// threshold; one pass checks that the guess keeps enough (count >= k, mass >= p * total), so the
+// selection then runs on the few candidates above it. The result is exact either way.
+template <class D>
+RowResult sample_filtered(const typename D::storage* row, int64_t vocab, float inv_t, int64_t k, float p,
+                          float min_p, uint32_t key, float* z, float* cand) {
+  int bad = 0;
+  float m = convert_row<D>(row, vocab, inv_t, z, &bad);
+  if (bad || m == -kInf) return {-1, 0.0f};
+  float t = min_p > 0.0f ? m + std::log(min_p) : -kInf;
+  const bool big = vocab >= 4 * kSample;
+  const int64_t stride = vocab / kSample;
+  float sample[kSample];
+  int64_t n = -1;
+  if (k > 0) {
+    if (big) {
+      int64_t ns = 0;
+      for (int64_t i = 0; i < kSample; ++i) {
+        sample[ns] = z[i * stride];
+        ns += sample[ns] >= t;
+      }
+      int64_t rank = std::min<int64_t>(ns, 2 * ((k * ns + vocab - 1) / vocab) + 8);
+      if (rank > 0) {
+        std::nth_element(sample, sample + (rank - 1), sample + ns, [](float x, float y) { return x > y; });
+        n = compact(z, vocab, std::max(t, sample[rank - 1]), cand);
+        if (n < k) n = -1;  // the guess was too high: fall back to every candidate
+      }
     }
-    n = kept;
+    if (n < 0) n = compact(z, vocab, t, cand);
+    if (k < n) {
+      std::nth_element(cand, cand + (k - 1), cand + n, [](float x, float y) { return x > y; });
+      t = std::max(t, cand[k - 1]);
+      int64_t kept = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        float x = cand[i];
+        cand[kept] = x;
+        kept += x >= t;
+      }
+      n = kept;
+    } else if (k >= n) {
+      // every candidate is kept (fewer than k of them); n is exactly the set z >= t
+    }
   }
   if (p < 1.0f) {
-    float total = 0.0f;
-    for (int64_t i = 0; i < n; ++i) total += exp_nonpos(cand[i] - m);
+    float total;
+    if (n >= 0) {
+      total = masked_mass(cand, n, m, t);
+    } else {
+      total = masked_mass(z, vocab, m, t);
+      if (big) {
+        int64_t ns = 0;
+        for (int64_t i = 0; i < kSample; ++i) {
+          sample[ns] = z[i * stride];
+          ns += sample[ns] >= t;
+        }
+        if (ns > 0) {
+          float sample_total = masked_mass(sample, ns, m, t);
+          float guess = weighted_threshold(sample, ns, m, (0.5f + 0.5f * p) * sample_total);
+          float thr = std::max(t, guess);
+          if (masked_mass(z, vocab, m, thr) >= p * total) n = compact(z, vocab, thr, cand);
+        }
+      }
+      if (n < 0) n = compact(z, vocab, t, cand);
+    }
     t = std::max(t, weighted_threshold(cand, n, m, p * total));
   }
   float best = -kInf, best_z = 0.0f, s = 0.0f;

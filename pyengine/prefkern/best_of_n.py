@@ -66,8 +66,11 @@ def _rso_uniforms(p: int, k: int, n: int, seed, offset, generator, device) -> to
     if seed is None:
         gen_dev = generator.device if generator is not None else device
         seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_dev).to(device)
-    seed = torch.as_tensor(seed, dtype=torch.int64, device=device).reshape(-1, 1)
-    offset = torch.as_tensor(0 if offset is None else offset, dtype=torch.int64, device=device).reshape(-1, 1)
+    seed, offset = (  # torch.full, not as_tensor: no host-to-device copy (CUDA-graph capturable)
+        v.to(device=device, dtype=torch.int64).reshape(-1, 1) if isinstance(v, torch.Tensor)
+        else torch.full((1, 1), int(v), dtype=torch.int64, device=device)
+        for v in (seed, 0 if offset is None else offset)
+    )
     key = reference.sampling_row_key(seed, offset, torch.arange(p, device=device).unsqueeze(-1))
     return reference.sampling_uniforms(key, torch.arange(k * n, device=device)).reshape(p, k, n)
 
