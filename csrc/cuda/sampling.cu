@@ -67,6 +67,39 @@ __device__ Best block_best(Best b, Best* smem) {
   return acc;
 }
 
+// Calls f(v, x) for this thread's elements of the row, v increasing: 16-byte loads when the row is
+// 16-byte aligned (8 bf16/f16 or 4 fp32 per load), then the scalar tail.
+// Calls f(v, x) for this thread's elements of the row, v increasing: 16-byte loads (8 bf16/f16 or 4
+// fp32), kUnroll of them in flight per thread, when the row is 16-byte aligned; then the scalar tail.
+template <class T, class F>
+__device__ __forceinline__ void for_row(const T* __restrict__ row, int64_t vocab, F&& f) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kUnroll = 4;
+  int64_t start = 0;
+  if ((reinterpret_cast<uintptr_t>(row) & 15) == 0) {
+    const int64_t nvec = vocab / kVec;
+    const uint4* rv = reinterpret_cast<const uint4*>(row);
+    for (int64_t i0 = threadIdx.x; i0 < nvec; i0 += int64_t(kThreads) * kUnroll) {
+      uint4 pack[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        int64_t i = i0 + int64_t(u) * kThreads;
+        if (i < nvec) pack[u] = __ldg(rv + i);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        int64_t i = i0 + int64_t(u) * kThreads;
+        if (i >= nvec) break;
+        const T* e = reinterpret_cast<const T*>(&pack[u]);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) f(i * kVec + j, to_float(e[j]));
+      }
+    }
+    start = nvec * kVec;
+  }
+  for (int64_t v = start + threadIdx.x; v < vocab; v += kThreads) f(v, to_float(row[v]));
+}
+
 __device__ __forceinline__ float gumbel(uint32_t key, uint32_t column) {
   return -__logf(-__logf(sampling_uniform(key, column)));
 }
@@ -85,9 +118,9 @@ __device__ float search(const T* row, int64_t vocab, float inv_t, float m, float
     float g[kPivots + 1], a[kPivots + 1], b[kPivots + 1];
 #pragma unroll
     for (int j = 0; j <= kPivots; ++j) g[j] = 0.f, a[j] = INFINITY, b[j] = -INFINITY;
-    for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
-      float z = to_float(row[v]) * inv_t;
-      if (!(z >= lo)) continue;
+    for_row(row, vocab, [&](int64_t, float x) {
+      float z = x * inv_t;
+      if (!(z >= lo)) return;
       float w = MASS ? __expf(z - m) : 1.f;
 #pragma unroll
       for (int j = 0; j <= kPivots; ++j) {
@@ -96,7 +129,7 @@ __device__ float search(const T* row, int64_t vocab, float inv_t, float m, float
         a[j] = ge ? fminf(a[j], z) : a[j];
         b[j] = ge ? b[j] : fmaxf(b[j], z);
       }
-    }
+    });
     block_reduce(g, Sum{}, smem);
     block_reduce(a, Min{}, smem);
     block_reduce(b, Max{}, smem);
@@ -114,8 +147,10 @@ __device__ float search(const T* row, int64_t vocab, float inv_t, float m, float
   return lo;
 }
 
-template <class T>
-__global__ void __launch_bounds__(kThreads) sample_kernel(
+// FILTERED = false handles greedy and temperature-only rows (one read, few registers, two blocks per
+// SM); FILTERED = true the rows with top-k / top-p / min-p. Both are launched; each skips the others' rows.
+template <class T, bool FILTERED>
+__global__ void __launch_bounds__(kThreads, FILTERED ? 1 : 2) sample_kernel(
     const T* __restrict__ logits, int64_t vocab, int64_t row_stride, const int64_t* __restrict__ row_index,
     const float* __restrict__ temperature, const int64_t* __restrict__ top_k, const float* __restrict__ top_p,
     const float* __restrict__ min_p, const int64_t* __restrict__ seed, const int64_t* __restrict__ offset,
@@ -131,17 +166,18 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(
   const float inv_t = greedy ? 1.f : 1.f / temp;
   const bool use_k = k > 0 && k < vocab, use_p = p < 1.f, use_mp = mp > 0.f;
   const bool filtered = !greedy && (use_k || use_p || use_mp);
+  if (filtered != FILTERED) return;
 
   // pass 1: max, NaN/+inf check, min finite value; unfiltered rows also draw here (one read)
   float st[3] = {-INFINITY, INFINITY, 0.f};  // max, min finite, bad
   float s = 0.f, m_run = -INFINITY;
   Best best{-INFINITY, -1, 0.f};
-  for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
-    float z = to_float(row[v]) * inv_t;
+  for_row(row, vocab, [&](int64_t v, float x) {
+    float z = x * inv_t;
     st[2] = z < INFINITY ? st[2] : 1.f;
     st[0] = fmaxf(st[0], z);
     if (z > -INFINITY) st[1] = fminf(st[1], z);
-    if (!filtered && z > -INFINITY && z < INFINITY) {
+    if (!FILTERED && z > -INFINITY && z < INFINITY) {
       if (z > m_run) {
         s = s * __expf(m_run - z) + 1.f;
         m_run = z;
@@ -151,7 +187,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(
       float gk = greedy ? z : z + gumbel(key, static_cast<uint32_t>(v));
       if (gk > best.key) best = Best{gk, v, z};
     }
-  }
+  });
   {
     float mx[1] = {st[0]}, mn[1] = {st[1]}, bad[1] = {st[2]};
     block_reduce(mx, Max{}, smem);
@@ -164,7 +200,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(
     if (threadIdx.x == 0) tokens[r] = -1, logprobs[r] = 0.f;
     return;
   }
-  if (!filtered) {
+  if constexpr (!FILTERED) {
     float sum[1] = {s * __expf(m_run - m)};
     if (m_run == -INFINITY) sum[0] = 0.f;
     block_reduce(sum, Sum{}, smem);
@@ -174,23 +210,24 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(
       logprobs[r] = greedy ? 0.f : best.z - m - logf(sum[0]);
     }
     return;
-  }
+  } else {
   float t = use_mp ? m + logf(mp) : st[1];
   if (use_k) t = fmaxf(t, search<T, false>(row, vocab, inv_t, m, t, m, float(k), false, smem));
   if (use_p) t = fmaxf(t, search<T, true>(row, vocab, inv_t, m, t, m, p, true, smem));
   float sum[1] = {0.f};
-  for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
-    float z = to_float(row[v]) * inv_t;
-    if (!(z >= t)) continue;
+  for_row(row, vocab, [&](int64_t v, float x) {
+    float z = x * inv_t;
+    if (!(z >= t)) return;
     sum[0] += __expf(z - m);
     float gk = z + gumbel(key, static_cast<uint32_t>(v));
     if (gk > best.key) best = Best{gk, v, z};
-  }
+  });
   block_reduce(sum, Sum{}, smem);
   best = block_best(best, best_smem);
   if (threadIdx.x == 0) {
     tokens[r] = best.idx;
     logprobs[r] = best.idx < 0 ? 0.f : best.z - m - logf(sum[0]);
+  }
   }
 }
 
@@ -206,7 +243,10 @@ const char* sample(const void* logits, int dtype, int64_t n_out, int64_t vocab, 
   if (n_out > 0x7fffffffLL) return "sample: too many rows for one launch";
   auto s = reinterpret_cast<cudaStream_t>(stream);
   PREFKERN_DISPATCH_DTYPE(dtype, T,
-      sample_kernel<T><<<static_cast<unsigned>(n_out), kThreads, 0, s>>>(
+      sample_kernel<T, false><<<static_cast<unsigned>(n_out), kThreads, 0, s>>>(
+          static_cast<const T*>(logits), vocab, row_stride, row_index, temperature, top_k, top_p, min_p,
+          seed, offset, tokens, logprobs);
+      sample_kernel<T, true><<<static_cast<unsigned>(n_out), kThreads, 0, s>>>(
           static_cast<const T*>(logits), vocab, row_stride, row_index, temperature, top_k, top_p, min_p,
           seed, offset, tokens, logprobs));
   return status(cudaGetLastError());
