@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 MAX_PASSES = 40
+MAX_CHUNKS = 8  # programs per row in pass 1
 
 
 @triton.jit
@@ -89,57 +90,118 @@ def _search(row_ptr, V, inv_t, m, lo, top, goal,
 
 
 @triton.jit
-def _sample_kernel(
-    # pointers
-    logits_ptr, row_index_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, offset_ptr,
-    tokens_ptr, logprobs_ptr,
-    # shapes
-    V,
-    # strides
-    stride_logits_l,
-    # meta
-    BLOCK_V: tl.constexpr, SEARCH_V: tl.constexpr, NP: tl.constexpr, MAXP: tl.constexpr,
-):
-    r = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + tl.load(row_index_ptr + r) * stride_logits_l
+def _row_setup(row_index_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, r, V):
     temp = tl.load(temperature_ptr + r)
     k = tl.load(top_k_ptr + r)
     p = tl.load(top_p_ptr + r)
     mp = tl.load(min_p_ptr + r)
-    key = _row_key(tl.load(seed_ptr + r), tl.load(offset_ptr + r), r)
     greedy = ~(temp > 0.0)
     inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, temp))
     use_k = (k > 0) & (k < V)
     use_p = p < 1.0
     use_mp = mp > 0.0
     filtered = (~greedy) & (use_k | use_p | use_mp)
+    return greedy, inv_t, k, p, mp, use_k, use_p, use_mp, filtered
 
-    # pass 1: max, min finite value, NaN/+inf check; the temperature-only draw and log-sum-exp
+
+@triton.jit
+def _sample_partial_kernel(
+    # pointers
+    logits_ptr, row_index_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, offset_ptr,
+    part_f_ptr, part_i_ptr,
+    # shapes
+    R, V, S, CHUNK,
+    # strides
+    stride_logits_l,
+    # meta
+    BLOCK_V: tl.constexpr,
+):
+    """Program (r, c): pass 1 over columns [c * CHUNK, (c + 1) * CHUNK) of output row r: max, sum of
+    exp(z - max), min finite z, NaN/+inf flag and the Gumbel-max (key, column, z); greedy rows use z
+    itself as the key. Several programs per row keep the memory system busy for small batches."""
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    row_ptr = logits_ptr + tl.load(row_index_ptr + r) * stride_logits_l
+    greedy, inv_t, k, p, mp, use_k, use_p, use_mp, filtered = _row_setup(
+        row_index_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, r, V)
+    key = _row_key(tl.load(seed_ptr + r), tl.load(offset_ptr + r), r)
     m = -float("inf")
     zmin = float("inf")
     s = 0.0
-    bad = 0
+    bad = 0.0
     best = -float("inf")
-    neg1 = r * 0 - 1
-    best_idx = neg1
+    best_idx = r * 0 - 1
     best_z = 0.0
-    for v0 in range(0, V, BLOCK_V):
+    v_end = tl.minimum((c + 1) * CHUNK, V)
+    for v0 in range(c * CHUNK, v_end, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
-        inb = offs < V
+        inb = offs < v_end
         z = tl.load(row_ptr + offs, mask=inb, other=-float("inf")).to(tl.float32) * inv_t
-        bad = tl.maximum(bad, tl.max(tl.where(inb & ~(z < float("inf")), 1, 0), axis=0))
+        bad = tl.maximum(bad, tl.max(tl.where(inb & ~(z < float("inf")), 1.0, 0.0), axis=0))
         zmin = tl.minimum(zmin, tl.min(tl.where(z > -float("inf"), z, float("inf")), axis=0))
         new_m = tl.maximum(m, tl.max(z, axis=0))
         s = tl.where(new_m == -float("inf"), 0.0, s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0))
         m = new_m
-        gk = tl.where(greedy, z, z + _gumbel(key, offs))
-        blk_best = tl.max(gk, axis=0)
-        blk_idx = tl.argmax(gk, axis=0)
-        blk_z = tl.max(tl.where(tl.arange(0, BLOCK_V) == blk_idx, z, -float("inf")), axis=0)
-        take = blk_best > best
-        best = tl.where(take, blk_best, best)
-        best_idx = tl.where(take, (v0 + blk_idx).to(tl.int64), best_idx)
-        best_z = tl.where(take, blk_z, best_z)
+        if not filtered:
+            gk = tl.where(greedy, z, z + _gumbel(key, offs))
+            blk_best = tl.max(gk, axis=0)
+            blk_idx = tl.argmax(gk, axis=0)
+            blk_z = tl.max(tl.where(tl.arange(0, BLOCK_V) == blk_idx, z, -float("inf")), axis=0)
+            take = blk_best > best
+            best = tl.where(take, blk_best, best)
+            best_idx = tl.where(take, (v0 + blk_idx).to(tl.int64), best_idx)
+            best_z = tl.where(take, blk_z, best_z)
+    RS = R * S
+    base = part_f_ptr + r * S + c
+    tl.store(base, m)
+    tl.store(base + RS, s)
+    tl.store(base + 2 * RS, zmin)
+    tl.store(base + 3 * RS, best)
+    tl.store(base + 4 * RS, best_z)
+    tl.store(base + 5 * RS, bad)
+    tl.store(part_i_ptr + r * S + c, best_idx)
+
+
+@triton.jit
+def _sample_finish_kernel(
+    # pointers
+    logits_ptr, row_index_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, offset_ptr,
+    part_f_ptr, part_i_ptr, tokens_ptr, logprobs_ptr,
+    # shapes
+    R, V, S,
+    # strides
+    stride_logits_l,
+    # meta
+    BLOCK_V: tl.constexpr, SEARCH_V: tl.constexpr, NP: tl.constexpr, MAXP: tl.constexpr,
+    S_POW2: tl.constexpr,
+):
+    """Program r: merges the partials of row r; temperature-only and greedy rows are done, filtered rows
+    find their thresholds (multi-pivot search) and draw by Gumbel-max over the survivors."""
+    r = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + tl.load(row_index_ptr + r) * stride_logits_l
+    greedy, inv_t, k, p, mp, use_k, use_p, use_mp, filtered = _row_setup(
+        row_index_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, r, V)
+    key = _row_key(tl.load(seed_ptr + r), tl.load(offset_ptr + r), r)
+    RS = R * S
+    cs = tl.arange(0, S_POW2)
+    cm = cs < S
+    base = part_f_ptr + r * S + cs
+    pm = tl.load(base, mask=cm, other=-float("inf"))
+    ps = tl.load(base + RS, mask=cm, other=0.0)
+    pzmin = tl.load(base + 2 * RS, mask=cm, other=float("inf"))
+    pbest = tl.load(base + 3 * RS, mask=cm, other=-float("inf"))
+    pz = tl.load(base + 4 * RS, mask=cm, other=0.0)
+    pbad = tl.load(base + 5 * RS, mask=cm, other=0.0)
+    pidx = tl.load(part_i_ptr + r * S + cs, mask=cm, other=-1)
+    m = tl.max(pm, axis=0)
+    s = tl.sum(tl.where(pm == -float("inf"), 0.0, ps * tl.exp(pm - m)), axis=0)
+    zmin = tl.min(pzmin, axis=0)
+    bad = tl.max(pbad, axis=0)
+    best = tl.max(pbest, axis=0)
+    c_best = tl.argmax(pbest, axis=0)  # first chunk on ties: the lowest column wins
+    best_idx = tl.max(tl.where(cs == c_best, pidx, -1), axis=0)
+    best_idx = tl.where(best == -float("inf"), -1, best_idx)
+    best_z = tl.max(tl.where(cs == c_best, pz, -float("inf")), axis=0)
     lp = tl.where(greedy, 0.0, best_z - m - tl.log(s))
 
     if filtered:
@@ -151,7 +213,7 @@ def _sample_kernel(
             tp = _search(row_ptr, V, inv_t, m, t, m, p, True, True, SEARCH_V, NP, MAXP)
             t = tl.maximum(t, tp)
         best = -float("inf")
-        best_idx = neg1
+        best_idx = r * 0 - 1
         best_z = 0.0
         s = 0.0
         for v0 in range(0, V, BLOCK_V):
@@ -183,27 +245,49 @@ def sample(
     top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens [R] int64 and logprobs [R] fp32; ``logits`` [L, V] with unit column stride, every per-row
-    argument a contiguous [R] tensor (see ``prefkern.ops.sampling.sample_op``)."""
+    argument a contiguous [R] tensor (see ``prefkern.ops.sampling.sample_op``). Two launches: pass 1
+    split over up to MAX_CHUNKS programs per row, then one program per row to merge (and, for filtered
+    rows, to search the thresholds and draw)."""
     r = row_index.shape[0]
     v = logits.shape[1]
-    tokens = torch.empty(r, dtype=torch.int64, device=logits.device)
-    logprobs = torch.empty(r, dtype=torch.float32, device=logits.device)
+    dev = logits.device
+    tokens = torch.empty(r, dtype=torch.int64, device=dev)
+    logprobs = torch.empty(r, dtype=torch.float32, device=dev)
     if r == 0:
         return tokens, logprobs
-    _sample_kernel[(r,)](
-        logits, row_index, temperature, top_k, top_p, min_p, seed, offset, tokens, logprobs,
-        v, logits.stride(0), BLOCK_V=_block_v(v), SEARCH_V=min(256, _block_v(v)), NP=16, MAXP=MAX_PASSES, num_warps=8,
+    block = _block_v(v)
+    blocks_per_chunk = triton.cdiv(triton.cdiv(v, block), MAX_CHUNKS)
+    chunk = block * blocks_per_chunk
+    n_chunks = triton.cdiv(v, chunk)
+    part_f = torch.empty((6, r, n_chunks), dtype=torch.float32, device=dev)
+    part_i = torch.empty((r, n_chunks), dtype=torch.int64, device=dev)
+    common = (logits, row_index, temperature, top_k, top_p, min_p, seed, offset)
+    _sample_partial_kernel[(r, n_chunks)](
+        *common, part_f, part_i, r, v, n_chunks, chunk, logits.stride(0), BLOCK_V=block, num_warps=8,
+    )
+    _sample_finish_kernel[(r,)](
+        *common, part_f, part_i, tokens, logprobs, r, v, n_chunks, logits.stride(0),
+        BLOCK_V=block, SEARCH_V=min(256, block), NP=16, MAXP=MAX_PASSES,
+        S_POW2=max(2, triton.next_power_of_2(n_chunks)), num_warps=8,
     )
     return tokens, logprobs
 
 
+_COMMON_SIG = {"logits_ptr": "*bf16", "row_index_ptr": "*i64", "temperature_ptr": "*fp32", "top_k_ptr": "*i64",
+               "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "seed_ptr": "*i64", "offset_ptr": "*i64",
+               "part_f_ptr": "*fp32", "part_i_ptr": "*i64"}
 TRITON_KERNELS = {
-    "sample": (
-        _sample_kernel,
-        {"logits_ptr": "*bf16", "row_index_ptr": "*i64", "temperature_ptr": "*fp32", "top_k_ptr": "*i64",
-         "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "seed_ptr": "*i64", "offset_ptr": "*i64",
-         "tokens_ptr": "*i64", "logprobs_ptr": "*fp32", "V": "i32", "stride_logits_l": "i64",
-         "BLOCK_V": "constexpr", "SEARCH_V": "constexpr", "NP": "constexpr", "MAXP": "constexpr"},
-        {"BLOCK_V": 2048, "SEARCH_V": 256, "NP": 16, "MAXP": MAX_PASSES},
+    "sample_partial": (
+        _sample_partial_kernel,
+        {**_COMMON_SIG, "R": "i32", "V": "i32", "S": "i32", "CHUNK": "i32", "stride_logits_l": "i64",
+         "BLOCK_V": "constexpr"},
+        {"BLOCK_V": 2048},
+    ),
+    "sample_finish": (
+        _sample_finish_kernel,
+        {**_COMMON_SIG, "tokens_ptr": "*i64", "logprobs_ptr": "*fp32", "R": "i32", "V": "i32", "S": "i32",
+         "stride_logits_l": "i64", "BLOCK_V": "constexpr", "SEARCH_V": "constexpr", "NP": "constexpr",
+         "MAXP": "constexpr", "S_POW2": "constexpr"},
+        {"BLOCK_V": 2048, "SEARCH_V": 256, "NP": 16, "MAXP": MAX_PASSES, "S_POW2": 8},
     ),
 }

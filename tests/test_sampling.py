@@ -316,3 +316,21 @@ def test_large_vocab_native_guess_path(dtype, kw):
     ref, lp_ref = prefkern.sample(x, seed=seed, backend="torch", return_logprobs=True, **kw)
     assert torch.equal(ours, ref)
     torch.testing.assert_close(lp, lp_ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.0}, {"top_k": 12, "top_p": 0.8}, {"min_p": 0.2}])
+def test_triton_split_rows(kw):
+    """V = 5000 with 2048-wide tiles: pass 1 runs in three programs per row, merged by the finisher."""
+    if not backend_status("triton", CPU)[0]:
+        pytest.skip("triton cannot run here")
+    x = torch.randn(4, 5000) * 3
+    x[1, :2500] = -float("inf")  # a whole chunk of -inf
+    x[2, 4999] = 50.0  # the maximum in the last chunk
+    x[3, [10, 4000]] = 60.0  # tied maxima in different chunks: greedy takes the first
+    seed = torch.tensor([1, 2, 3, 4])
+    ours, lp = prefkern.sample(x, seed=seed, backend="triton", return_logprobs=True, **kw)
+    ref, lp_ref = prefkern.sample(x, seed=seed, backend="torch", return_logprobs=True, **kw)
+    assert torch.equal(ours, ref)
+    torch.testing.assert_close(lp, lp_ref, atol=2e-5, rtol=1e-5)
+    if kw.get("temperature") == 0.0:
+        assert int(ours[3]) == 10
