@@ -155,7 +155,8 @@ def sample(
     return_logprobs : also return the log-prob of each token under the filtered, renormalised
         distribution it was drawn from (0 for greedy rows).
     validate : check argument values and NaN rows (one host sync). ``None``: on, except while a CUDA
-        graph is being captured.
+        graph is being captured. Argument values of CPU tensors are always checked. Unchecked CUDA
+        calls must pass ``row_index`` entries in ``[0, L)``.
     backend : ``"auto"`` (Triton on CUDA, native C++ on CPU), ``"native"``, ``"triton"``, ``"cuda"``, ``"torch"``.
 
     Returns
@@ -203,7 +204,7 @@ def sample(
     off = _per_row("offset", 0 if offset is None else offset, r, dev, torch.int64, True)
     if validate is None:
         validate = not _capturing(dev)
-    if validate and r > 0:
+    if (validate or dev.type == "cpu") and r > 0:  # on the CPU the check costs no sync: always on
         _check_values(temp, tp, mp, row_index, n_rows)
     logits = logits.detach()
     if multinomial:
