@@ -11,6 +11,7 @@ import triton.language as tl
 
 MAX_PASSES = 40
 MAX_CHUNKS = 8  # programs per row in pass 1
+CAND_CAP = 4096  # survivors of top-k / min-p compacted per row before top-p
 
 
 @triton.jit
@@ -163,17 +164,48 @@ def _sample_partial_kernel(
 
 
 @triton.jit
+def _draw(z_ptr, col_ptr, n, inv_t, m, t, key, HAS_COL: tl.constexpr, BLOCK: tl.constexpr):
+    """Gumbel-max over the values >= t of z_ptr[0:n] (columns col_ptr[0:n], or 0..n-1): (column, z, sum
+    of exp(z - m) over the survivors). Ties go to the first, i.e. the lowest column."""
+    best = -float("inf")
+    best_idx = (n * 0).to(tl.int64) - 1
+    best_z = 0.0
+    s = 0.0
+    for v0 in range(0, n, BLOCK):
+        offs = v0 + tl.arange(0, BLOCK)
+        inb = offs < n
+        z = tl.load(z_ptr + offs, mask=inb, other=-float("inf")).to(tl.float32) * inv_t
+        if HAS_COL:
+            cols = tl.load(col_ptr + offs, mask=inb, other=0)
+        else:
+            cols = offs
+        kept = z >= t
+        s += tl.sum(tl.where(kept, tl.exp(z - m), 0.0), axis=0)
+        gk = tl.where(kept, z + _gumbel(key, cols), -float("inf"))
+        blk_best = tl.max(gk, axis=0)
+        blk_idx = tl.argmax(gk, axis=0)
+        sel = tl.arange(0, BLOCK) == blk_idx
+        blk_z = tl.max(tl.where(sel, z, -float("inf")), axis=0)
+        blk_col = tl.max(tl.where(sel, cols, -1), axis=0).to(tl.int64)
+        take = blk_best > best
+        best = tl.where(take, blk_best, best)
+        best_idx = tl.where(take, blk_col, best_idx)
+        best_z = tl.where(take, blk_z, best_z)
+    return best_idx, best_z, s
+
+
+@triton.jit
 def _sample_finish_kernel(
     # pointers
     logits_ptr, row_index_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, offset_ptr,
-    part_f_ptr, part_i_ptr, tokens_ptr, logprobs_ptr,
+    part_f_ptr, part_i_ptr, cand_z_ptr, cand_col_ptr, tokens_ptr, logprobs_ptr,
     # shapes
     R, V, S,
     # strides
     stride_logits_l,
     # meta
     BLOCK_V: tl.constexpr, SEARCH_V: tl.constexpr, NP: tl.constexpr, MAXP: tl.constexpr,
-    S_POW2: tl.constexpr,
+    S_POW2: tl.constexpr, CAP: tl.constexpr,
 ):
     """Program r: merges the partials of row r; temperature-only and greedy rows are done, filtered rows
     find their thresholds (multi-pivot search) and draw by Gumbel-max over the survivors."""
@@ -209,26 +241,31 @@ def _sample_finish_kernel(
         if use_k:
             tk = _search(row_ptr, V, inv_t, m, t, m, k.to(tl.float32), False, False, SEARCH_V, NP, MAXP)
             t = tl.maximum(t, tk)
-        if use_p:
-            tp = _search(row_ptr, V, inv_t, m, t, m, p, True, True, SEARCH_V, NP, MAXP)
+        # top-p after top-k / min-p: compact the survivors (in column order) into this row's scratch
+        # once, so that the top-p passes and the draw read CAP values instead of the row
+        n_c = (r * 0).to(tl.int32)
+        compacted = r < 0
+        if use_p & (use_k | use_mp):
+            for v0 in range(0, V, BLOCK_V):
+                offs = v0 + tl.arange(0, BLOCK_V)
+                z = tl.load(row_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32) * inv_t
+                kept = (z >= t) & (offs < V)
+                pos = n_c + tl.cumsum(kept.to(tl.int32), axis=0) - 1
+                ok = kept & (pos < CAP)
+                tl.store(cand_z_ptr + r * CAP + pos, z, mask=ok)
+                tl.store(cand_col_ptr + r * CAP + pos, offs, mask=ok)
+                n_c += tl.sum(kept.to(tl.int32), axis=0)
+            compacted = n_c <= CAP
+        if compacted:
+            tp = _search(cand_z_ptr + r * CAP, n_c, 1.0, m, t, m, p, True, True, SEARCH_V, NP, MAXP)
             t = tl.maximum(t, tp)
-        best = -float("inf")
-        best_idx = r * 0 - 1
-        best_z = 0.0
-        s = 0.0
-        for v0 in range(0, V, BLOCK_V):
-            offs = v0 + tl.arange(0, BLOCK_V)
-            z = tl.load(row_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32) * inv_t
-            kept = z >= t
-            s += tl.sum(tl.where(kept, tl.exp(z - m), 0.0), axis=0)
-            gk = tl.where(kept, z + _gumbel(key, offs), -float("inf"))
-            blk_best = tl.max(gk, axis=0)
-            blk_idx = tl.argmax(gk, axis=0)
-            blk_z = tl.max(tl.where(tl.arange(0, BLOCK_V) == blk_idx, z, -float("inf")), axis=0)
-            take = blk_best > best
-            best = tl.where(take, blk_best, best)
-            best_idx = tl.where(take, (v0 + blk_idx).to(tl.int64), best_idx)
-            best_z = tl.where(take, blk_z, best_z)
+            best_idx, best_z, s = _draw(cand_z_ptr + r * CAP, cand_col_ptr + r * CAP, n_c, 1.0, m, t, key,
+                                        True, SEARCH_V)
+        else:
+            if use_p:
+                tp = _search(row_ptr, V, inv_t, m, t, m, p, True, True, SEARCH_V, NP, MAXP)
+                t = tl.maximum(t, tp)
+            best_idx, best_z, s = _draw(row_ptr, cand_col_ptr, V, inv_t, m, t, key, False, BLOCK_V)
         lp = best_z - m - tl.log(s)
 
     invalid = (bad > 0) | (m == -float("inf")) | (best_idx < 0)
@@ -265,10 +302,13 @@ def sample(
     _sample_partial_kernel[(r, n_chunks)](
         *common, part_f, part_i, r, v, n_chunks, chunk, logits.stride(0), BLOCK_V=block, num_warps=8,
     )
+    cap = min(CAND_CAP, max(16, triton.next_power_of_2(v)))
+    cand_z = torch.empty((r, cap), dtype=torch.float32, device=dev)
+    cand_col = torch.empty((r, cap), dtype=torch.int32, device=dev)
     _sample_finish_kernel[(r,)](
-        *common, part_f, part_i, tokens, logprobs, r, v, n_chunks, logits.stride(0),
+        *common, part_f, part_i, cand_z, cand_col, tokens, logprobs, r, v, n_chunks, logits.stride(0),
         BLOCK_V=block, SEARCH_V=min(256, block), NP=16, MAXP=MAX_PASSES,
-        S_POW2=max(2, triton.next_power_of_2(n_chunks)), num_warps=8,
+        S_POW2=max(2, triton.next_power_of_2(n_chunks)), CAP=cap, num_warps=8,
     )
     return tokens, logprobs
 
@@ -285,9 +325,10 @@ TRITON_KERNELS = {
     ),
     "sample_finish": (
         _sample_finish_kernel,
-        {**_COMMON_SIG, "tokens_ptr": "*i64", "logprobs_ptr": "*fp32", "R": "i32", "V": "i32", "S": "i32",
-         "stride_logits_l": "i64", "BLOCK_V": "constexpr", "SEARCH_V": "constexpr", "NP": "constexpr",
-         "MAXP": "constexpr", "S_POW2": "constexpr"},
-        {"BLOCK_V": 2048, "SEARCH_V": 256, "NP": 16, "MAXP": MAX_PASSES, "S_POW2": 8},
+        {**_COMMON_SIG, "cand_z_ptr": "*fp32", "cand_col_ptr": "*i32", "tokens_ptr": "*i64",
+         "logprobs_ptr": "*fp32", "R": "i32", "V": "i32", "S": "i32", "stride_logits_l": "i64",
+         "BLOCK_V": "constexpr", "SEARCH_V": "constexpr", "NP": "constexpr", "MAXP": "constexpr",
+         "S_POW2": "constexpr", "CAP": "constexpr"},
+        {"BLOCK_V": 2048, "SEARCH_V": 256, "NP": 16, "MAXP": MAX_PASSES, "S_POW2": 8, "CAP": CAND_CAP},
     ),
 }

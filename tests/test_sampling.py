@@ -318,9 +318,11 @@ def test_large_vocab_native_guess_path(dtype, kw):
     torch.testing.assert_close(lp, lp_ref, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kw", [{}, {"temperature": 0.0}, {"top_k": 12, "top_p": 0.8}, {"min_p": 0.2}])
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.0}, {"top_k": 12, "top_p": 0.8}, {"min_p": 0.2},
+                                {"min_p": 0.01, "top_p": 0.9}, {"top_k": 4500, "top_p": 0.99}])
 def test_triton_split_rows(kw):
-    """V = 5000 with 2048-wide tiles: pass 1 runs in three programs per row, merged by the finisher."""
+    """V = 5000 with 2048-wide tiles: pass 1 runs in three programs per row, merged by the finisher;
+    top-p after top-k / min-p runs on the compacted survivors (top_k=4500 overflows the 4096 scratch)."""
     if not backend_status("triton", CPU)[0]:
         pytest.skip("triton cannot run here")
     x = torch.randn(4, 5000) * 3
