@@ -13,7 +13,5 @@ from .dispatch import info
 from .ops.logprobs import logprobs
 
 __all__ = ["__version__", "info", "logprobs", "reference"]
-from .ops.sampling import sample  # sampling (issue #6)
-__all__ += ["sample"]  # sampling (issue #6)
-from .best_of_n import BestOfN, BestOfNResult, Selection, best_of_n  # best-of-n (issue #6)
-__all__ += ["BestOfN", "BestOfNResult", "Selection", "best_of_n"]  # best-of-n (issue #6)
+from .best_of_n import BestOfN, BestOfNResult, Selection, best_of_n, sample  # sampling + best-of-n (issue #6)
+__all__ += ["sample", "best_of_n", "Selection", "BestOfN", "BestOfNResult"]  # sampling + best-of-n (issue #6)

@@ -17,6 +17,9 @@ import torch
 
 from . import reference
 from ._validation import check_tensor
+from .ops.sampling import sample  # re-exported as prefkern.sample
+
+__all__ = ["BestOfN", "BestOfNResult", "Selection", "best_of_n", "rso_accept", "sample"]
 
 METHODS = ("argmax", "topk", "rso")
 
@@ -392,8 +395,6 @@ class BestOfN:
 
     @torch.no_grad()
     def _generate_prefkern(self, ids, mask) -> torch.Tensor:
-        from .ops.sampling import sample
-
         sampling, _, max_new = self._sampling_settings()
         step = self.step_fn or self._default_step
         r, dev = ids.shape[0], ids.device
