@@ -9,8 +9,10 @@
 #include "cpu/logprobs.h"
 #include "cpu/ensemble.h"
 #include "cpu/parallel.h"
+#include "cpu/sampling.h"
 #ifdef PREFKERN_HAS_CUDA
 #include "cuda/logprobs.h"
+#include "cuda/sampling.h"
 #endif
 
 namespace nb = nanobind;
@@ -103,4 +105,30 @@ NB_MODULE(_native, m) {
               g_stride_t, ptr<float>(grad_weight));
         },
         nb::call_guard<nb::gil_scoped_release>());
+  // ---- sampling ------------------------------------------------------------------------------
+  // sample_{cpu,cuda}(logits, dtype, n_out, V, row_stride, row_index, temperature, top_k, top_p, min_p,
+  //                   seed, offset, tokens, logprobs[, stream]); per-row parameters contiguous [n_out].
+  m.def("sample_cpu",
+        [](u64 logits, int dtype, int64_t n, int64_t v, int64_t stride, u64 row_index, u64 temperature,
+           u64 top_k, u64 top_p, u64 min_p, u64 seed, u64 offset, u64 tokens, u64 logprobs) {
+          prefkern::cpu::sample(ptr<const void>(logits), dtype, n, v, stride, ptr<const int64_t>(row_index),
+                                ptr<const float>(temperature), ptr<const int64_t>(top_k),
+                                ptr<const float>(top_p), ptr<const float>(min_p), ptr<const int64_t>(seed),
+                                ptr<const int64_t>(offset), ptr<int64_t>(tokens), ptr<float>(logprobs));
+        },
+        nb::call_guard<nb::gil_scoped_release>());
+#ifdef PREFKERN_HAS_CUDA
+  m.def("sample_cuda",
+        [](u64 logits, int dtype, int64_t n, int64_t v, int64_t stride, u64 row_index, u64 temperature,
+           u64 top_k, u64 top_p, u64 min_p, u64 seed, u64 offset, u64 tokens, u64 logprobs, u64 stream) {
+          check_cuda(prefkern::cuda::sample(ptr<const void>(logits), dtype, n, v, stride,
+                                            ptr<const int64_t>(row_index), ptr<const float>(temperature),
+                                            ptr<const int64_t>(top_k), ptr<const float>(top_p),
+                                            ptr<const float>(min_p), ptr<const int64_t>(seed),
+                                            ptr<const int64_t>(offset), ptr<int64_t>(tokens),
+                                            ptr<float>(logprobs), stream),
+                     "sample_cuda");
+        });
+#endif
+  // ---- end sampling ----------------------------------------------------------------------------
 }

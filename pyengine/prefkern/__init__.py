@@ -9,6 +9,7 @@ Public API (each op takes ``backend="auto"|"native"|"triton"|"cuda"|"torch"``):
 - ``preference_loss`` and the loss catalog (``prefkern.losses``): every objective of LOSSES.md.
 - ``reference``: the plain-PyTorch truth every kernel is tested against.
 - ``ensemble_reduce``, ``EnsembleRewardHead``, ``RewardEnsemble``: ensemble reward scoring (mean / WCO / UWO).
+- ``sample``, ``best_of_n``, ``BestOfN``: seeded token sampling, per-prompt selection, end-to-end best-of-n.
 """
 
 from ._version import __version__
@@ -19,13 +20,14 @@ from .ops.linear_logprobs import linear_logprobs
 from .losses import *  # noqa: F401,F403
 from .losses import __all__ as _losses_all
 from .fused_loss import FusedLinearPreferenceLoss
-
-from .ensemble import (  # noqa: E402
+from .ensemble import (
     EnsembleRewardHead, EnsembleScores, RewardEnsemble, bootstrap_weights, bradley_terry_loss, calibration_stats,
     ensemble_reduce,
 )
+from .best_of_n import BestOfN, BestOfNResult, Selection, best_of_n, sample
 
 __all__ = ["__version__", "info", "logprobs", "linear_logprobs", "FusedLinearPreferenceLoss", "reference"]
 __all__ += list(_losses_all)
 __all__ += ["ensemble_reduce", "EnsembleRewardHead", "RewardEnsemble", "EnsembleScores", "calibration_stats",
             "bradley_terry_loss", "bootstrap_weights"]
+__all__ += ["sample", "best_of_n", "Selection", "BestOfN", "BestOfNResult"]
