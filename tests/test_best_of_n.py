@@ -248,3 +248,23 @@ def test_best_of_n_helper_errors():
     bad = prefkern.BestOfN(model, tok, lambda p, c: torch.zeros(3), n=2, generation_kwargs={"max_new_tokens": 2})
     with pytest.raises(ValueError, match=r"reward must return scores of shape \[N\] or \[K, N\] with N = 4"):
         bad.generate(["a", "b"])
+
+
+def test_best_of_n_with_reward_ensemble_of_hf_models():
+    """A RewardEnsemble of K tiny sequence-classification models scores the candidates (WCO)."""
+    tok = tiny_tokenizer()
+    vocab = len(CHARS) + 2
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=vocab, n_positions=64, num_labels=1,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    members = []
+    for seed in range(3):
+        torch.manual_seed(200 + seed)
+        members.append(transformers.GPT2ForSequenceClassification(cfg).eval())
+    ensemble = prefkern.RewardEnsemble(members, method="wco")
+    bon = prefkern.BestOfN(tiny_gpt2(), tok, ensemble, n=4, reward_inputs="ids",
+                           generation_kwargs={"max_new_tokens": 5}, sampler="prefkern", seed=3)
+    res = bon.generate(["ab", "c"])
+    assert res.scores.shape == (2, 4) and res.member_scores.shape == (3, 8)
+    torch.testing.assert_close(res.scores.reshape(-1), res.member_scores.min(0).values)
+    for i in range(2):
+        assert res.scores[i, int(res.selection.local[i, 0])] == res.scores[i].max()

@@ -255,9 +255,10 @@ class BestOfN:
         ``eos_token_id``), or None when prompts are token ids and the reward takes ids.
     reward : a callable. ``reward_inputs="text"``: ``reward(prompts, completions)`` with two lists of
         N = P*n strings; ``"ids"``: ``reward(input_ids [N, T], attention_mask [N, T])`` on the full
-        sequences. It returns scores [N] or [K, N] (e.g. K ensemble members; a ``RewardEnsemble`` or an
-        ``EnsembleRewardHead`` on a backbone wrapped as such a callable); [K, N] is reduced by
-        ``reduce`` (default mean over K), e.g. an ``ensemble_reduce`` partial.
+        sequences (by keyword when ``reward`` is an ``nn.Module``, positionally otherwise). It returns scores [N], [K, N] (K ensemble members; reduced by ``reduce``, default
+        the mean over K, e.g. an ``ensemble_reduce`` partial) or ``EnsembleScores`` (a
+        ``RewardEnsemble`` used with ``reward_inputs="ids"``, or an ``EnsembleRewardHead`` on a
+        backbone): its ``combined`` scores are used as they are, its ``scores`` kept as member scores.
     n : candidates per prompt.
     k, method, beta : passed to :func:`best_of_n`.
     generation_kwargs : ``max_new_tokens`` and sampling settings (``temperature``, ``top_k``,
@@ -424,9 +425,20 @@ class BestOfN:
         if self.reward_inputs == "text":
             raw = self.reward(texts_rep, completions_text)
         else:
-            raw = self.reward(full_ids, full_mask)
-        raw = torch.as_tensor(raw).detach()
+            # modules (HF models, RewardEnsemble) take keywords; a plain callable takes (ids, mask)
+            if isinstance(self.reward, torch.nn.Module):
+                raw = self.reward(input_ids=full_ids, attention_mask=full_mask)
+            else:
+                raw = self.reward(full_ids, full_mask)
         n_total = full_ids.shape[0]
+        if hasattr(raw, "combined") and hasattr(raw, "scores"):
+            # EnsembleScores from RewardEnsemble / EnsembleRewardHead: already reduced on the device
+            combined = torch.as_tensor(raw.combined).detach().reshape(-1)
+            members = None if raw.scores is None else torch.as_tensor(raw.scores).detach().reshape(-1, n_total)
+            if combined.shape != (n_total,):
+                raise ValueError(f"reward returned ensemble scores for {combined.shape[0]} completions, expected {n_total}")
+            return combined.float(), members
+        raw = torch.as_tensor(raw).detach()
         if raw.dim() == 1 and raw.shape[0] == n_total:
             return raw.float(), None
         if raw.dim() == 2 and raw.shape[1] == n_total:
