@@ -21,7 +21,9 @@ $(DEPS):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install --quiet "$(TRITON_SPEC)"
-	$(PIP) install --quiet "scikit-build-core>=0.10" "nanobind>=2.4" numpy pytest hypothesis matplotlib
+	$(PIP) install --quiet "scikit-build-core>=0.10" "nanobind>=2.4" numpy pytest hypothesis matplotlib transformers
+	# optional peer for the Liger-compatibility tests and the benchmark baseline (its deps are torch + triton)
+	$(PIP) install --quiet --no-deps "liger-kernel==0.8.5"
 	touch $@
 
 build: $(BUILT)
