@@ -93,7 +93,8 @@ def cases(device: torch.device, dtypes: List[torch.dtype], quick: bool) -> Tuple
 
                 out += [
                     Case("ensemble", method, "fw", size, dname, fresh, fw, bytes=head_bytes),
-                    Case("ensemble", method, "fw-bw", size, dname, fresh, fwbw, bytes=2 * head_bytes + k * h * elt),
+                    Case("ensemble", method, "fw-bw", size, dname, fresh, fwbw, bytes=2 * head_bytes + k * h * elt,
+                         result_bytes=(hidden.numel() + weight.numel()) * elt + 4 * k),
                 ]
         if quick:
             continue
