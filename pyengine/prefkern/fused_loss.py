@@ -322,15 +322,19 @@ class FusedLinearPreferenceLoss(nn.Module):
             e = min(b, s + chunk)
             c = e - s
             rows = torch.cat([torch.arange(s, e, device=dev), torch.arange(b + s, b + e, device=dev)])
-            x = hidden.detach()[rows].reshape(-1, h).to(torch.float32)
-            y = flat_labels[rows].reshape(-1).contiguous()
-            z = torch.mm(x, w32.t(), out=buf[: 2 * c * t])
+            m = mask[rows]
+            # only scored tokens go through the GEMMs: prompt and padding rows contribute exactly zero
+            scored = m.reshape(-1).nonzero().squeeze(1)
+            nv = scored.numel()
+            x = hidden.detach()[rows].reshape(-1, h)[scored].to(torch.float32)
+            y = flat_labels[rows].reshape(-1)[scored].contiguous()
+            z = torch.mm(x, w32.t(), out=buf[:nv])
             if b32 is not None:
                 z.add_(b32)
-            tok = torch.empty(2 * c * t, dtype=torch.float32, device=dev)
-            _row_forward(backend, z, y, self.ignore_index, tok, lse[: 2 * c * t])
+            tok_scored = torch.empty(nv, dtype=torch.float32, device=dev)
+            _row_forward(backend, z, y, self.ignore_index, tok_scored, lse[:nv])
+            tok = torch.zeros(2 * c * t, dtype=torch.float32, device=dev).index_copy_(0, scored, tok_scored)
             leaf = tok.view(2 * c, t).requires_grad_()
-            m = mask[rows]
             with torch.enable_grad():
                 batch = self._batch(leaf, m, self._slice_ref(ref_seq, s, e), None if ref_tokens is None else ref_tokens[rows])
                 # the chunk's share of the batch's token-mean NLL, rescaled because the chunk loss is averaged over c pairs
@@ -339,9 +343,11 @@ class FusedLinearPreferenceLoss(nn.Module):
                 share = self._paired_loss(batch).loss * (c / b)
                 (g,) = torch.autograd.grad(share, leaf)
             token_logps[rows] = tok.view(2 * c, t)
-            _row_backward_inplace(backend, g.reshape(-1).contiguous(), z, y, self.ignore_index, lse[: 2 * c * t])
+            _row_backward_inplace(backend, g.reshape(-1)[scored].contiguous(), z, y, self.ignore_index, lse[:nv])
             if need_dx:
-                dx[rows] = torch.mm(z, w32).view(2 * c, t, h)
+                dx_rows = torch.zeros((2 * c * t, h), dtype=torch.float32, device=dev)
+                dx_rows.index_copy_(0, scored, torch.mm(z, w32))
+                dx[rows] = dx_rows.view(2 * c, t, h)
             if need_dw:
                 dw.addmm_(z.t(), x)
             if need_db:

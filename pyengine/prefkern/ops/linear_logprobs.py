@@ -82,9 +82,19 @@ def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.to(torch.float32)
 
 
-def _skippable(labels: torch.Tensor, ignore_index: int) -> bool:
-    # Host check only on the CPU, where it is free; on a GPU it would synchronise every chunk.
-    return labels.device.type == "cpu" and bool((labels == ignore_index).all())
+def scored_rows(labels: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
+    """Indices of the rows that carry a label, or None when all do.
+
+    The chunked paths push only these rows through the GEMMs: prompt and padding positions contribute
+    exactly zero to value and gradient, so skipping them is exact and saves their share of the FLOPs.
+    Costs one host sync per call (none per chunk).
+    """
+    idx = (labels != ignore_index).nonzero().squeeze(1)
+    return None if idx.numel() == labels.numel() else idx
+
+
+def _pick(rows: Optional[torch.Tensor], s: int, e: int):
+    return slice(s, e) if rows is None else rows[s:e]
 
 
 def chunked_forward(hidden, weight, bias, labels, ignore_index, backend, chunk_rows):
@@ -92,16 +102,23 @@ def chunked_forward(hidden, weight, bias, labels, ignore_index, backend, chunk_r
     v = weight.shape[0]
     logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
     lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-    if n == 0:
+    rows = scored_rows(labels, ignore_index) if n else None
+    m = n if rows is None else rows.numel()
+    if m == 0:
         return logp, lse
     w32, b32 = weight.to(torch.float32), _fp32(bias)
-    buf = torch.empty((min(chunk_rows, n), v), dtype=torch.float32, device=hidden.device)
-    for s in range(0, n, chunk_rows):
-        e = min(n, s + chunk_rows)
-        if _skippable(labels[s:e], ignore_index):
-            continue
-        z = _chunk_logits(hidden[s:e].to(torch.float32), w32, b32, buf[: e - s])
-        _row_forward(backend, z, labels[s:e], ignore_index, logp[s:e], lse[s:e])
+    buf = torch.empty((min(chunk_rows, m), v), dtype=torch.float32, device=hidden.device)
+    for s in range(0, m, chunk_rows):
+        e = min(m, s + chunk_rows)
+        sel = _pick(rows, s, e)
+        z = _chunk_logits(hidden[sel].to(torch.float32), w32, b32, buf[: e - s])
+        if rows is None:
+            _row_forward(backend, z, labels[sel], ignore_index, logp[sel], lse[sel])
+        else:
+            part_logp, part_lse = logp.new_empty(e - s), lse.new_empty(e - s)
+            _row_forward(backend, z, labels[sel], ignore_index, part_logp, part_lse)
+            logp.index_copy_(0, sel, part_logp)
+            lse.index_copy_(0, sel, part_lse)
     return logp, lse
 
 
@@ -113,19 +130,23 @@ def chunked_backward(grad, hidden, weight, bias, labels, lse, ignore_index, back
     dx = torch.zeros((n, h), dtype=torch.float32, device=dev) if need_dx else None
     dw = torch.zeros((v, h), dtype=torch.float32, device=dev) if need_dw else None
     db = torch.zeros((v,), dtype=torch.float32, device=dev) if need_db else None
-    if n == 0:
+    rows = scored_rows(labels, ignore_index) if n else None
+    m = n if rows is None else rows.numel()
+    if m == 0:
         return dx, dw, db
     w32, b32 = weight.to(torch.float32), _fp32(bias)
-    buf = torch.empty((min(chunk_rows, n), v), dtype=torch.float32, device=dev)
-    for s in range(0, n, chunk_rows):
-        e = min(n, s + chunk_rows)
-        if _skippable(labels[s:e], ignore_index):
-            continue
-        x = hidden[s:e].to(torch.float32)
+    buf = torch.empty((min(chunk_rows, m), v), dtype=torch.float32, device=dev)
+    for s in range(0, m, chunk_rows):
+        e = min(m, s + chunk_rows)
+        sel = _pick(rows, s, e)
+        x = hidden[sel].to(torch.float32)
         z = _chunk_logits(x, w32, b32, buf[: e - s])
-        _row_backward_inplace(backend, grad[s:e], z, labels[s:e], ignore_index, lse[s:e])
+        _row_backward_inplace(backend, grad[sel].contiguous(), z, labels[sel], ignore_index, lse[sel].contiguous())
         if need_dx:
-            torch.mm(z, w32, out=dx[s:e])
+            if rows is None:
+                torch.mm(z, w32, out=dx[sel])
+            else:
+                dx.index_copy_(0, sel, torch.mm(z, w32))
         if need_dw:
             dw.addmm_(z.t(), x)
         if need_db:
