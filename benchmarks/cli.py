@@ -23,7 +23,8 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default=None, help="comma-separated dtypes (default: each suite's own: float32 (+ bfloat16 for logprobs) on CPU, bfloat16 on GPU)")
     p.add_argument("--quick", action="store_true", help="one small size per suite (smoke run)")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions per row (median reported)")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed repetitions per row, median reported (default: the suite's REPS, else 5)")
     p.add_argument("--out", type=Path, default=RESULTS, help="where JSON, markdown and PNG go")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--list", action="store_true", help="list the suites and exit")
@@ -68,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cases, notes = module.cases(device, dtypes or module.DEFAULT_DTYPES[device.type], args.quick)
         results = []
         for i, case in enumerate(cases, 1):
-            r = measure(case, device, limits, args.reps)
+            r = measure(case, device, limits, args.reps or getattr(module, "REPS", {}).get(device.type, 5))
             results.append(r)
             shown = r.error or f"{r.median_ms:9.2f} ms  {r.peak_extra_mb if r.peak_extra_mb is not None else float('nan'):9.1f} MB"
             print(f"[{suite} {i:3d}/{len(cases)}] {case.method:<16} {case.pass_name:<6} {case.size:<20} {case.dtype:<9} {shown}", flush=True)

@@ -13,6 +13,7 @@ from prefkern import reference
 from ..harness import Case
 
 DEFAULT_DTYPES = {"cpu": [torch.float32], "cuda": [torch.bfloat16]}
+REPS = {"cpu": 3, "cuda": 10}  # a CPU step at the target size takes seconds
 
 # (pairs, T, H, V)
 CPU_SIZES = [(4, 512, 1024, 32000)]
