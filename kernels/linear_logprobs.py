@@ -1,8 +1,9 @@
 """Token log-probs straight from hidden states and the lm-head: ``z = x W^T (+ b)`` is formed tile by
 tile and never written. Forward: an online log-sum-exp per token over vocabulary tiles, the vocabulary
-split across programs and the partial (max, sum) pairs merged on the host side. Backward: each
-(token block, vocabulary block) program recomputes its tile, forms ``dz = g (onehot - softmax)`` and
-adds ``dz W`` into dX and ``dz^T X`` into dW (fp32 buffers, atomics)."""
+split across programs and the partial (max, sum) pairs merged on the host side. Backward (opt-in,
+``deterministic=False``): each (token block, vocabulary block) program recomputes its tile, forms
+``dz = g (onehot - softmax)`` and adds ``dz W`` into dX and ``dz^T X`` into dW with fp32 atomics --
+about N H V / 128 + V H N / 64 atomic adds, which likely bound it on a real GPU (unmeasured)."""
 
 from __future__ import annotations
 
@@ -100,8 +101,9 @@ def _linear_lse_backward_kernel(
     y = tl.load(labels_ptr + offs_n, mask=mask_n, other=ignore_index).to(tl.int64)
     g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
     g = tl.where(y == ignore_index, 0.0, g)
-    # Token blocks with no gradient (prompt or padding positions) cost nothing.
-    if tl.max(tl.abs(g), axis=0) > 0:
+    # Token blocks with no gradient (prompt or padding positions) cost nothing; NaN counts as work.
+    g_max = tl.max(tl.where(g == g, tl.abs(g), float("inf")), axis=0)
+    if g_max > 0:
         lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
         z = _logit_tile(x_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_xn, stride_xh,
                         stride_wv, stride_wh, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST)
@@ -110,11 +112,15 @@ def _linear_lse_backward_kernel(
         dz = g[:, None] * (onehot - p)
         dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)
         if COMPUTE_DB:
-            tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v)
+            tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
+        # Half-precision dot operands: divide dz by a power of two near max|g| first, so that fp16 keeps
+        # the small entries (|g p| can sit below fp16's range); multiply the products back. Exact scaling.
+        g_scale = tl.exp2(tl.ceil(tl.log2(tl.minimum(g_max, 1.0e38))))
         if UPCAST:
             dz_op = dz
+            g_scale = 1.0
         else:
-            dz_op = dz.to(x_ptr.dtype.element_ty)
+            dz_op = (dz / g_scale).to(x_ptr.dtype.element_ty)
         for h0 in range(0, H, BLOCK_H):
             offs_h = h0 + tl.arange(0, BLOCK_H)
             mask_h = offs_h < H
@@ -123,17 +129,17 @@ def _linear_lse_backward_kernel(
                              mask=mask_v[:, None] & mask_h[None, :], other=0.0)
                 if UPCAST:
                     wt = wt.to(tl.float32)
-                dx = tl.dot(dz_op, wt, input_precision=DOT_PRECISION)
+                dx = tl.dot(dz_op, wt, input_precision=DOT_PRECISION) * g_scale
                 tl.atomic_add(dx_ptr + offs_n[:, None].to(tl.int64) * stride_dxn + offs_h[None, :], dx,
-                              mask=mask_n[:, None] & mask_h[None, :])
+                              mask=mask_n[:, None] & mask_h[None, :], sem="relaxed")
             if COMPUTE_DW:
                 xt = tl.load(x_ptr + offs_n[:, None].to(tl.int64) * stride_xn + offs_h[None, :] * stride_xh,
                              mask=mask_n[:, None] & mask_h[None, :], other=0.0)
                 if UPCAST:
                     xt = xt.to(tl.float32)
-                dw = tl.dot(tl.trans(dz_op), xt, input_precision=DOT_PRECISION)
+                dw = tl.dot(tl.trans(dz_op), xt, input_precision=DOT_PRECISION) * g_scale
                 tl.atomic_add(dw_ptr + offs_v[:, None].to(tl.int64) * stride_dwv + offs_h[None, :], dw,
-                              mask=mask_v[:, None] & mask_h[None, :])
+                              mask=mask_v[:, None] & mask_h[None, :], sem="relaxed")
 
 
 def _blocks(x: torch.Tensor) -> Tuple[int, int, int, int, int]:
@@ -173,7 +179,7 @@ def linear_lse_forward(
     part = torch.empty((3, splits, n), dtype=torch.float32, device=hidden.device)
     if n > 0:
         _linear_lse_forward_kernel[(n_blocks, splits)](
-            hidden, weight, bias if bias is not None else hidden, labels, part[0], part[1], part[2],
+            hidden, weight, bias.contiguous() if bias is not None else hidden, labels, part[0], part[1], part[2],
             n, v, h, v_per_split,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             ignore_index,
@@ -205,7 +211,7 @@ def linear_lse_backward(
     bn, bv, bh, warps, stages = _blocks(hidden)
     dummy = lse
     _linear_lse_backward_kernel[(triton.cdiv(n, bn), triton.cdiv(v, bv))](
-        hidden, weight, bias if bias is not None else hidden, labels, lse, grad,
+        hidden, weight, bias.contiguous() if bias is not None else hidden, labels, lse, grad,
         dx if need_dx else dummy, dw if need_dw else dummy, db if need_db else dummy,
         n, v, h,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),

@@ -256,6 +256,8 @@ def _sample_finish_kernel(
                 tl.store(cand_col_ptr + r * CAP + pos, offs, mask=ok)
                 n_c += tl.sum(kept.to(tl.int32), axis=0)
             compacted = n_c <= CAP
+            # the searches below read the scratch in another thread layout than the stores above
+            tl.debug_barrier()
         if compacted:
             tp = _search(cand_z_ptr + r * CAP, n_c, 1.0, m, t, m, p, True, True, SEARCH_V, NP, MAXP)
             t = tl.maximum(t, tp)

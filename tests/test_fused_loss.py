@@ -190,6 +190,11 @@ def test_bad_configuration_and_inputs():
     with pytest.raises(ValueError, match="not both"):
         prefkern.FusedLinearPreferenceLoss("sigmoid")(hidden, weight, labels, bias, ref_hidden=ref_hidden,
                                                       ref_logps=torch.zeros(2 * B))
+    with pytest.raises(ValueError, match="not split across eager chunks"):
+        prefkern.FusedLinearPreferenceLoss("sigmoid", mode="eager", chosen_weights=torch.ones(B))
+    with pytest.raises(ValueError, match="labels must lie in"):
+        prefkern.FusedLinearPreferenceLoss("sigmoid", mode="eager")(hidden.requires_grad_(), weight, labels.clamp(min=0) + V,
+                                                                    bias, ref_logps=torch.zeros(2 * B))
     with pytest.raises(ValueError, match=r"ref_logps must have shape \[2B\]"):
         prefkern.FusedLinearPreferenceLoss("sigmoid")(hidden, weight, labels, bias, ref_logps=torch.zeros(5))
 

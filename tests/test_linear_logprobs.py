@@ -30,13 +30,14 @@ def run(fn, hidden, weight, bias, labels, g):
     return out.detach(), [None if p is None else p.grad for p in params]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,deterministic", [(b, True) for b in BACKENDS] + [("triton", False)] * ("triton" in BACKENDS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,h,v,bias", [(47, 31, 123, True), (16, 64, 300, False), (1, 8, 5, True)])
-def test_values_and_gradients_vs_float64(backend, dtype, n, h, v, bias):
+def test_values_and_gradients_vs_float64(backend, deterministic, dtype, n, h, v, bias):
     hidden, weight, b, labels = make(n, h, v, dtype, bias)
     g = torch.randn(n)
-    ours, ours_g = run(lambda x, w, bb, y: prefkern.linear_logprobs(x, w, y, bb, backend=backend, chunk_rows=10),
+    ours, ours_g = run(lambda x, w, bb, y: prefkern.linear_logprobs(x, w, y, bb, backend=backend, chunk_rows=10,
+                                                                     deterministic=deterministic),
                        hidden, weight, b, labels, g)
     ref, ref_g = run(lambda x, w, bb, y: reference.linear_logprobs(x, w, y, bb, compute_dtype=torch.float64),
                      hidden.double(), weight.double(), None if b is None else b.double(), labels, g.double())
@@ -51,12 +52,13 @@ def test_values_and_gradients_vs_float64(backend, dtype, n, h, v, bias):
         assert_within_torch_error(a, t, r, dtype, name)
 
 
-def test_deterministic_triton_chunks_match_tiles():
+def test_triton_tile_backward_matches_chunked_backward():
     if "triton" not in BACKENDS:
         pytest.skip("triton not available")
     hidden, weight, b, labels = make(40, 24, 77, torch.float32)
     g = torch.randn(40)
-    tiles = run(lambda x, w, bb, y: prefkern.linear_logprobs(x, w, y, bb, backend="triton"), hidden, weight, b, labels, g)
+    tiles = run(lambda x, w, bb, y: prefkern.linear_logprobs(x, w, y, bb, backend="triton", deterministic=False),
+                hidden, weight, b, labels, g)
     chunks = run(lambda x, w, bb, y: prefkern.linear_logprobs(x, w, y, bb, backend="triton", deterministic=True,
                                                                chunk_rows=16), hidden, weight, b, labels, g)
     torch.testing.assert_close(tiles[0], chunks[0], atol=1e-5, rtol=1e-5)
@@ -111,12 +113,13 @@ def test_fully_masked_and_empty(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     big = torch.randn(30, 40)
+    bias = torch.randn(66)[::2]  # stride 2
     hidden = big[::2, 5:29]  # [15, 24], row stride 80
     weight_t = torch.randn(24, 33)
     weight = weight_t.t()  # [33, 24], column stride 33
     labels = torch.randint(0, 33, (15,))
-    out = prefkern.linear_logprobs(hidden, weight, labels, backend=backend)
-    torch.testing.assert_close(out, reference.linear_logprobs(hidden, weight, labels), atol=1e-5, rtol=1e-5)
+    out = prefkern.linear_logprobs(hidden, weight, labels, bias, backend=backend)
+    torch.testing.assert_close(out, reference.linear_logprobs(hidden, weight, labels, bias), atol=1e-5, rtol=1e-5)
 
 
 def test_bad_inputs():

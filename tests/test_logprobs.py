@@ -193,3 +193,17 @@ def test_info_command():
     assert "[cpu]" in out and "native" in out and "torch" in out
     report = prefkern.info()
     assert report["cpu"]["torch"].startswith("yes")
+
+
+@pytest.mark.parametrize("backend", cpu_backends() + ["torch"])
+def test_masked_vocabulary_entries(backend):
+    """-inf logits (masked special tokens), first in the row included, give exact zeros, never NaN."""
+    logits, labels = make(6, 300, torch.float32)
+    logits[:, :5] = -float("inf")
+    logits[:, 200:210] = -float("inf")
+    labels = labels.clamp(min=5, max=199)
+    x = logits.clone().requires_grad_()
+    out = prefkern.logprobs(x, labels, backend=backend)
+    torch.testing.assert_close(out, truth(logits, labels).float(), atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.all(x.grad[:, :5] == 0)

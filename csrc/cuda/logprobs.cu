@@ -38,6 +38,7 @@ __global__ void __launch_bounds__(kThreads) logprobs_forward_kernel(
   MaxSum acc{-INFINITY, 0.f};
   for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
     float z = to_float(row[v]) * scale;
+    if (z == -INFINITY) continue;  // exp(-inf - -inf) would be NaN while the running max is still -inf
     if (z > acc.m) {
       acc.s = acc.s * __expf(acc.m - z) + 1.f;
       acc.m = z;

@@ -50,8 +50,8 @@ def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -
     """ValueError unless every label is in ``[0, vocab)`` or equals ``ignore_index`` (one host sync)."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
-        idx = int(bad.nonzero()[0, 0])
+        where = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(
             f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
-            f"labels[{idx}] = {int(labels[idx])}"
+            f"labels[{', '.join(map(str, where))}] = {int(labels[where])}"
         )

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._validation import check_tensor
+from ._validation import check_labels_in_range, check_tensor
 from .dispatch import resolve_backend
 from .losses import PreferenceBatch, PreferenceLossOutput, preference_batch, preference_loss
 from .losses.registry import LOSS_REGISTRY
@@ -141,6 +141,10 @@ class FusedLinearPreferenceLoss(nn.Module):
         if mode == "eager" and loss_type not in EAGER_LOSS_TYPES:
             raise ValueError(f"mode='eager' needs a loss that decomposes per pair ({sorted(EAGER_LOSS_TYPES)}); "
                              f"{loss_type!r} must stream")
+        self._tensor_options = sorted(k for k, v in loss_kwargs.items() if isinstance(v, torch.Tensor))
+        if mode == "eager" and self._tensor_options:
+            raise ValueError(f"per-example options {self._tensor_options} are not split across eager chunks: "
+                             "use mode='stream'")
         if mode == "eager" and empty_completions == "drop":
             raise ValueError("empty_completions='drop' changes the batch: use mode='stream'")
         if memory_budget is not None and memory_budget <= 0:
@@ -280,7 +284,8 @@ class FusedLinearPreferenceLoss(nn.Module):
                          f"{list(labels.shape)} (per token), got {tuple(ref_logps.shape)}")
 
     def _use_eager(self, hidden, weight, bias) -> bool:
-        if self.mode == "stream" or self.loss_type not in EAGER_LOSS_TYPES or self.empty_completions == "drop":
+        if (self.mode == "stream" or self.loss_type not in EAGER_LOSS_TYPES or self.empty_completions == "drop"
+                or self._tensor_options):
             return False
         if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
             return False
@@ -299,6 +304,7 @@ class FusedLinearPreferenceLoss(nn.Module):
         b = b2 // 2
         v = weight.shape[0]
         dev = hidden.device
+        check_labels_in_range(labels, v, self.ignore_index)
         backend = resolve_backend(self.backend, dev, "FusedLinearPreferenceLoss")
         budget = self.memory_budget or default_memory_budget(dev)
         per_pair = 2 * t * v * 4

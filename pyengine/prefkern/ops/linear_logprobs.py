@@ -1,12 +1,13 @@
 """``prefkern.linear_logprobs``: token log-probs from hidden states and the lm-head, logits never whole.
 
 Two implementations of the same contract:
-- ``tiles`` (Triton on CUDA): vocabulary tiles in registers, an online log-sum-exp, nothing of size V
-  written; the backward recomputes each tile and accumulates dX and dW in fp32 with atomics.
-- ``chunks`` (native C++ on CPU; CUDA C++ or Triton with ``deterministic=True``): k tokens at a time
-  through the BLAS/cuBLAS GEMM into one reused [k, V] fp32 buffer, one fused pass that makes lse and
-  the label logit, and in backward the logit gradient in place, then two GEMMs for dX and dW.
-Both cost 4 matmul units for a trained step (forward, recompute, dX, dW) and one for a reference pass.
+- ``tiles`` (Triton forward on CUDA): vocabulary tiles in registers, an online log-sum-exp, nothing of
+  size V written. Its tile backward (fp32 atomics into dX and dW) is opt-in: ``deterministic=False``.
+- ``chunks`` (native C++ on CPU, CUDA C++, and every backward by default): k tokens at a time through
+  the BLAS/cuBLAS GEMM into one reused [k, V] fp32 buffer, one fused pass that makes lse and the label
+  logit, and in backward the logit gradient in place, then two GEMMs for dX and dW.
+Both cost 4 matmul units for a trained step (forward, recompute, dX, dW) and one for a reference pass;
+only rows with a label are computed.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from .._validation import (
 from ..dispatch import BACKENDS, resolve_backend
 from ._backends import cuda_stream, native_module, triton_kernels
 
-CHUNK_BYTES = 32 << 20  # fp32 logits buffer of the chunked path
+CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 128 << 20}  # fp32 logits buffer of the chunked path
 
 
-def default_chunk_rows(vocab: int) -> int:
-    return max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
+def default_chunk_rows(vocab: int, device: torch.device) -> int:
+    return max(1, CHUNK_BYTES.get(device.type, 32 << 20) // (4 * max(vocab, 1)))
 
 
 def _row_forward(backend: str, buf: torch.Tensor, labels: torch.Tensor, ignore_index: int,
@@ -154,7 +155,20 @@ def chunked_backward(grad, hidden, weight, bias, labels, lse, ignore_index, back
     return dx, dw, db
 
 
-def _uses_tiles(backend: str, deterministic: bool) -> bool:
+def _tile_forward(hidden, weight, bias, labels, ignore_index):
+    """Triton tile forward on the scored rows only (scattered back; ignored rows give logp 0, lse 0)."""
+    launch = triton_kernels("linear_logprobs").linear_lse_forward
+    rows = scored_rows(labels, ignore_index) if hidden.shape[0] else None
+    if rows is None:
+        return launch(hidden, weight, bias, labels, ignore_index)
+    logp_s, lse_s = launch(hidden.index_select(0, rows), weight, bias, labels[rows], ignore_index)
+    n = hidden.shape[0]
+    logp = hidden.new_zeros(n, dtype=torch.float32).index_copy_(0, rows, logp_s)
+    lse = hidden.new_zeros(n, dtype=torch.float32).index_copy_(0, rows, lse_s)
+    return logp, lse
+
+
+def _uses_tile_backward(backend: str, deterministic: bool) -> bool:
     return backend == "triton" and not deterministic
 
 
@@ -167,8 +181,8 @@ def linear_logprobs_fwd(
     kernels on chunks when ``auto`` finds neither)."""
     check_labels_in_range(labels, weight.shape[0], ignore_index)
     backend = resolve_backend(backend, hidden.device, "linear_logprobs")
-    if _uses_tiles(backend, deterministic):
-        return triton_kernels("linear_logprobs").linear_lse_forward(hidden, weight, bias, labels, ignore_index)
+    if backend == "triton":
+        return _tile_forward(hidden, weight, bias, labels, ignore_index)
     return chunked_forward(hidden, weight, bias, labels, ignore_index, backend, chunk_rows)
 
 
@@ -186,7 +200,7 @@ def linear_logprobs_bwd(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raw op: ``(dX, dW, db)`` in the dtypes of hidden, weight and bias; an empty tensor where not needed."""
     backend = resolve_backend(backend, hidden.device, "linear_logprobs")
-    if _uses_tiles(backend, deterministic):
+    if _uses_tile_backward(backend, deterministic):
         dx, dw, db = triton_kernels("linear_logprobs").linear_lse_backward(
             grad, hidden, weight, bias, labels, lse, ignore_index, need_dx, need_dw, need_db)
     else:
@@ -249,7 +263,7 @@ def linear_logprobs(
     mode: str = "auto",
     backend: str = "auto",
     chunk_rows: Optional[int] = None,
-    deterministic: bool = False,
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """Token log-probs ``log_softmax(hidden @ weight.T + bias)[..., labels]`` without the logits tensor.
 
@@ -261,16 +275,20 @@ def linear_logprobs(
     bias : [V] or None.
     shift : 0 when labels are aligned with hidden positions; 1 for causal-LM labels (position t is
         scored against ``labels[..., t + 1]``; the last position of each row gives 0).
-    mode : ``"auto"`` or ``"stream"``: the op never holds more than one chunk (CPU: ``chunk_rows`` x V
-        fp32, about 32 MB by default) or one register tile (Triton) of logits. The ``"eager"`` trade
+    mode : ``"auto"`` or ``"stream"``: the op never holds more than one chunk of logits (``chunk_rows``
+        x V fp32: about 32 MB on the CPU and 128 MB on a GPU by default; the Triton forward holds only
+        register tiles). Prompt and padding rows (``ignore_index``) never reach a GEMM. The ``"eager"`` trade
         (gradient inside forward) needs the loss and lives in :class:`prefkern.FusedLinearPreferenceLoss`.
     backend : ``"auto"`` (Triton tiles on CUDA, native chunks on CPU; torch row ops on chunks, with a
         warning, when neither can run), ``"native"``, ``"triton"``, ``"cuda"`` (CUDA C++ row kernels on
         cuBLAS chunks) or ``"torch"`` (the materialised reference).
     chunk_rows : tokens per chunk on the chunked paths (default: a 32 MB fp32 buffer).
-    deterministic : the Triton tile backward adds into dX and dW with atomics, so the last bits of
-        the gradients vary from run to run. ``True`` runs the chunked path instead (cuBLAS GEMMs,
-        bit-reproducible) at the cost of a ``chunk_rows x V`` fp32 buffer and slightly more traffic.
+    deterministic : ``True`` (default): the backward recomputes the logits chunk by chunk through the
+        GEMM (cuBLAS / BLAS), forms the logit gradient in place with the row kernel and takes dX and dW
+        with two more GEMMs: bit-reproducible, at the cost of one ``chunk_rows x V`` fp32 buffer.
+        ``False`` (Triton only): the fused tile backward, nothing of size V in memory, but dX and dW
+        are summed with fp32 atomics, so their last bits vary from run to run, and the atomic traffic
+        (about N H V / 128 + V H N / 64 adds) probably bounds it on a real GPU (not measured).
 
     Returns
     -------
@@ -323,6 +341,6 @@ def linear_logprobs(
         check_labels_in_range(labels, weight.shape[0], ignore_index)
         dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         return reference.linear_logprobs(h2, weight, labels, bias, ignore_index, compute_dtype=dtype).reshape(lead)
-    rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.device)
     logp, _ = linear_logprobs_fwd(h2, weight, bias, labels, ignore_index, backend, rows, bool(deterministic))
     return logp.reshape(lead)
