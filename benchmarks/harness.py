@@ -137,10 +137,11 @@ def measure_limits(device: torch.device, reps: int = 5) -> MachineLimits:
     copy = Case("limits", "copy", "fw", "", "float32", lambda: None, lambda _: dst.copy_(src))
     copy_ms = median_time_ms(copy, device, reps)
     del src, dst
+    # large square products: the rate a well-shaped GEMM reaches here (small ones underestimate it)
     if device.type == "cuda":
         n, dtype = 8192, torch.bfloat16
     else:
-        n, dtype = 2048, torch.float32
+        n, dtype = 4096, torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     gemm = Case("limits", "gemm", "fw", "", str(dtype), lambda: None, lambda _: torch.mm(a, b))

@@ -76,7 +76,9 @@ def methods(device: torch.device) -> Tuple[List[Tuple[str, Callable, bool]], Lis
     else:
         notes.append("Cut Cross-Entropy + DPO: GPU only (or not installed): no rows.")
     notes.append("torch = prefkern.reference.preference_loss_from_hidden: full logits, log_softmax, gather, DPO.")
-    notes.append("FLOPs: the fw-bw rows count the GEMM floor 8 N H V (reference forward + policy forward, dX, dW).")
+    notes.append("FLOPs: the fw-bw rows count the GEMM floor 8 N H V over the N scored (completion) tokens: "
+                 "reference forward + policy forward, dX, dW; prompt tokens (a quarter here) need none. "
+                 "Methods that push prompt tokens through the lm-head do more work than the floor.")
     return out, notes
 
 
@@ -86,7 +88,6 @@ def cases(device: torch.device, dtypes: List[torch.dtype], quick: bool) -> Tuple
     out: List[Case] = []
     for dtype in dtypes:
         for pairs, t, h, v in sizes:
-            n = 2 * pairs * t
             size = f"B={pairs} T={t} H={h} V={v}"
             dname = str(dtype).replace("torch.", "")
             gen = torch.Generator(device=device).manual_seed(0)
@@ -97,6 +98,7 @@ def cases(device: torch.device, dtypes: List[torch.dtype], quick: bool) -> Tuple
             y = torch.randint(0, v, (2 * pairs, t), device=device, generator=gen)
             y[:, : t // 4] = -100  # prompt
             grad_bytes = (x.numel() + w.numel()) * x.element_size()
+            scored = int((y != -100).sum())  # prompt positions need no lm-head work at all
 
             def fresh(x=x, w=w, y=y, rx=rx, rw=rw):
                 x.grad = None
@@ -110,6 +112,6 @@ def cases(device: torch.device, dtypes: List[torch.dtype], quick: bool) -> Tuple
                     Case("preference", method, "bw", size, dname, lambda fresh=fresh, fn=fn: fn(*fresh()),
                          lambda loss: loss.backward(), result_bytes=grad_bytes),
                     Case("preference", method, "fw-bw", size, dname, fresh, lambda s, fn=fn: fn(*s).backward(),
-                         flops=8.0 * n * h * v, result_bytes=grad_bytes),
+                         flops=8.0 * scored * h * v, result_bytes=grad_bytes),
                 ]
     return out, notes

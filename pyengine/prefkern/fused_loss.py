@@ -71,8 +71,13 @@ class _EagerGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.grads is None:
+            raise RuntimeError("the eager loss has been backpropagated already (its gradients are scaled in "
+                               "place); use mode='stream' to backpropagate the same graph twice")
         gh, gw, gb = ctx.grads
-        scale = lambda g: None if g is None else g * grad_out.to(g.dtype)  # noqa: E731
+        ctx.grads = None
+        # scaled in place: the gradients belong to this node alone, and a copy of dW would double its memory
+        scale = lambda g: None if g is None else g.mul_(grad_out.to(g.dtype))  # noqa: E731
         return None, scale(gh), scale(gw), scale(gb), None, None, None
 
 
