@@ -82,7 +82,7 @@ def resolve_backend(requested: str, device: torch.device, op: str) -> str:
         if not ok:
             raise RuntimeError(f"prefkern.{op}: backend {requested!r} cannot run on {device}: {why}")
         return requested
-    preferred = "triton" if device.type == "cuda" else "native"
+    preferred = _preferred(device)
     ok, why = backend_status(preferred, device)
     if ok:
         return preferred
@@ -112,15 +112,14 @@ def info() -> Dict[str, Dict[str, str]]:
         for name in ("native", "triton", "cuda", "torch"):
             ok, why = backend_status(name, dev)
             row[name] = ("yes: " if ok else "no: ") + why
-        chosen = resolve_backend_quiet(dev)
-        row["auto"] = f"-> {chosen}"
+        preferred = _preferred(dev)
+        row["auto"] = f"-> {preferred if backend_status(preferred, dev)[0] else 'torch'}"
         report[dev.type] = row
     return report
 
 
-def resolve_backend_quiet(device: torch.device) -> str:
-    preferred = "triton" if device.type == "cuda" else "native"
-    return preferred if backend_status(preferred, device)[0] else "torch"
+def _preferred(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" else "native"
 
 
 def format_info() -> str:

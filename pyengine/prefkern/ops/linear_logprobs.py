@@ -294,7 +294,9 @@ def linear_logprobs(
     -------
     [...] float32 tensor (labels' shape), differentiable w.r.t. hidden, weight and bias for any
     upstream gradient. No dW/db work is done when weight/bias do not require grad; no state is
-    saved under ``torch.no_grad()`` (a reference pass costs one matmul unit).
+    saved under ``torch.no_grad()`` (a reference pass costs one matmul unit). Labels out of range
+    raise ``ValueError``; that check and the selection of scored rows cost a host sync or two per
+    call on a GPU.
     """
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         check_tensor(name, t)

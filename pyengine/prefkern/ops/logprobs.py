@@ -135,7 +135,8 @@ def logprobs(
     Raises
     ------
     TypeError for non-tensors or unsupported dtypes; ValueError for wrong shapes, tensors on
-    different devices, a non-positive temperature or labels out of range.
+    different devices, a non-positive temperature or labels out of range (the range check reads
+    the labels once: one host sync per call on a GPU).
     """
     check_tensor("logits", logits)
     check_tensor("labels", labels)
