@@ -75,7 +75,8 @@ def methods(device: torch.device) -> Tuple[List[Tuple[str, Callable, bool]], Lis
         out.append(("cce+dpo", cce, False))
     else:
         notes.append("Cut Cross-Entropy + DPO: GPU only (or not installed): no rows.")
-    notes.append("torch = prefkern.reference.preference_loss_from_hidden: full logits, log_softmax, gather, DPO.")
+    notes.append("torch = prefkern.reference.preference_loss_from_hidden: full logits in the input dtype, fp32 "
+                 "log_softmax, gather, DPO (TRL's path).")
     notes.append("FLOPs: the fw-bw rows count the GEMM floor 8 N H V over the N scored (completion) tokens: "
                  "reference forward + policy forward, dX, dW; prompt tokens (a quarter here) need none. "
                  "Methods that push prompt tokens through the lm-head do more work than the floor.")

@@ -73,7 +73,8 @@ def preference_loss_from_hidden(
     ignore_index: int = -100,
     **loss_kwargs,
 ):
-    """TRL's plain path: full logits, log-softmax, gather, masked sums, then the catalog loss.
+    """TRL's plain path: full logits (in the input dtype), fp32 log-softmax, gather, masked sums, then
+    the catalog loss.
 
     hidden : [2B, T, H] ``[chosen; rejected]``; weight : [V, H]; labels : [2B, T]. Returns the
     catalog's ``PreferenceLossOutput``. What ``FusedLinearPreferenceLoss`` is tested and benchmarked
@@ -82,7 +83,11 @@ def preference_loss_from_hidden(
     from .losses import preference_batch, preference_loss
 
     def token_logps(h, w, b):
-        return linear_logprobs(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), b, ignore_index).reshape(labels.shape)
+        # as TRL does it: the lm-head product in the model's dtype, the log-softmax in fp32
+        logits = h.reshape(-1, h.shape[-1]) @ w.t()
+        if b is not None:
+            logits = logits + b
+        return logprobs(logits, labels.reshape(-1), ignore_index).reshape(labels.shape)
 
     mask = labels != ignore_index
     ref_tokens = None
