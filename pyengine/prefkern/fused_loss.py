@@ -141,6 +141,7 @@ class FusedLinearPreferenceLoss(nn.Module):
             raise ValueError("c3po adds constraint terms on other prompts: compute its token log-probs with "
                              "prefkern.linear_logprobs and call prefkern.c3po_loss")
         self.family = _family(loss_type)
+        self._params = frozenset(inspect.signature(self.family).parameters)
         if mode not in ("auto", "stream", "eager"):
             raise ValueError(f"mode must be 'auto', 'stream' or 'eager', got {mode!r}")
         if mode == "eager" and loss_type not in EAGER_LOSS_TYPES:
@@ -165,9 +166,8 @@ class FusedLinearPreferenceLoss(nn.Module):
         self.loss_kwargs = self._loss_kwargs(loss_kwargs)
 
     def _loss_kwargs(self, extra: Dict[str, Any]) -> Dict[str, Any]:
-        params = inspect.signature(self.family).parameters
         kwargs = dict(extra)
-        if self.beta is not None and "beta" in params:
+        if self.beta is not None and "beta" in self._params:
             kwargs.setdefault("beta", self.beta)
         if self.loss_type == "rpo" or self.nll_weight:
             base = "sigmoid" if self.loss_type in ("rpo", "dpo") else self.loss_type
@@ -198,19 +198,18 @@ class FusedLinearPreferenceLoss(nn.Module):
             )
         return batch
 
-    def _paired_loss(self, batch: PreferenceBatch, token_weights=None) -> PreferenceLossOutput:
+    def _paired_loss(self, batch: PreferenceBatch) -> PreferenceLossOutput:
         return self.family(**self._family_args(batch), **self.loss_kwargs)
 
     def _family_args(self, batch: PreferenceBatch) -> Dict[str, Any]:
-        params = inspect.signature(self.family).parameters
         fields = {
             "policy_chosen_logps": batch.policy_chosen_logps, "policy_rejected_logps": batch.policy_rejected_logps,
             "ref_chosen_logps": batch.ref_chosen_logps, "ref_rejected_logps": batch.ref_rejected_logps,
             "chosen_lengths": batch.chosen_lengths, "rejected_lengths": batch.rejected_lengths,
             "chosen_nll": batch.chosen_nll,
         }
-        args = {k: v for k, v in fields.items() if k in params}
-        if "ref_chosen_logps" in params and args.get("ref_chosen_logps") is None and not self._reference_free():
+        args = {k: v for k, v in fields.items() if k in self._params}
+        if "ref_chosen_logps" in self._params and args.get("ref_chosen_logps") is None and not self._reference_free():
             raise ValueError(f"loss_type {self.loss_type!r} needs reference log-probs: pass ref_hidden (+ ref_weight) "
                              "or ref_logps")
         return args
