@@ -73,18 +73,23 @@ def _fmt(x: Optional[float], spec: str) -> str:
 
 
 def markdown_table(results: List[Result]) -> str:
-    head = ("| method | pass | size | dtype | median ms | peak extra MB | working MB | achieved | % of limit "
-            "| speedup vs base | memory vs base |")
-    lines = [head, "|" + "---|" * 11]
+    graphs = any(r.device_ms is not None for r in results)
+    head = "| method | pass | size | dtype | median ms | " + ("device ms | " if graphs else "") + (
+        "peak extra MB | working MB | achieved | % of limit | speedup vs base | "
+        + ("device speedup | " if graphs else "") + "memory vs base |")
+    cols = 13 if graphs else 11
+    lines = [head, "|" + "---|" * cols]
     for r in results:
         if r.error:
-            lines.append(f"| {r.method} | {r.pass_name} | {r.size} | {r.dtype} | failed: {r.error} |  |  |  |  |  |  |")
+            lines.append(f"| {r.method} | {r.pass_name} | {r.size} | {r.dtype} | failed: {r.error} |" + "  |" * (cols - 5))
             continue
         achieved = "-" if r.achieved is None else f"{r.achieved:.3g} {r.achieved_unit}"
+        dev = f"| {_fmt(r.device_ms, '.3f')} " if graphs else ""
+        dev_speed = f"| {_fmt(r.device_speedup_vs_baseline, '.2f')}x " if graphs else ""
         lines.append(
-            f"| {r.method} | {r.pass_name} | {r.size} | {r.dtype} | {_fmt(r.median_ms, '.2f')} "
+            f"| {r.method} | {r.pass_name} | {r.size} | {r.dtype} | {_fmt(r.median_ms, '.2f')} {dev}"
             f"| {_fmt(r.peak_extra_mb, '.1f')} | {_fmt(r.working_mb, '.1f')} | {achieved} | {_fmt(None if r.fraction_of_limit is None else 100 * r.fraction_of_limit, '.1f')} "
-            f"| {_fmt(r.speedup_vs_baseline, '.2f')}x | {_fmt(r.memory_vs_baseline, '.2f')}x |"
+            f"| {_fmt(r.speedup_vs_baseline, '.2f')}x {dev_speed}| {_fmt(r.memory_vs_baseline, '.2f')}x |"
         )
     return "\n".join(lines)
 
@@ -101,6 +106,10 @@ def header(suite: str, meta: Dict[str, object], notes: List[str]) -> str:
         "Achieved rates count each kernel's algorithmic bytes or FLOPs (the same for every method), so "
         "'% of limit' compares methods on the work that must be done; ratios are against the baseline "
         "method at the same pass, size and dtype (speedup > 1 is faster, memory < 1 is leaner).",
+        "On CUDA, 'median ms' is one call as a user makes it (Python, launches and kernels, CUDA events "
+        "around it) and 'device ms' the same run captured in a CUDA graph and replayed (the kernels alone; "
+        "'-' where the run cannot be captured, e.g. a host sync inside it, or takes over 20 ms, where launch "
+        "overhead is noise); achieved rates and '% of limit' use device ms where there is one.",
         "Peak extra memory is the high-water mark of one run above what existed before it; working MB "
         "subtracts the gradients the run hands back (every method must produce them), and the memory "
         "ratio compares working MB.",
@@ -167,21 +176,27 @@ def plot_results(suite: str, meta: Dict[str, object], results: List[Result], pat
     return path
 
 
+# the pass whose rows carry a suite's targets (default: fw-bw where the suite has one, else fw)
+SUMMARY_PASSES = {"ensemble": "fw"}
+
+
 def summary(out_dir: Path, suites: List[str], device: str = "auto") -> str:
-    """One line per fw-bw row (or fw where a suite has no backward) of the saved JSON results."""
-    lines = ["| suite | device | method | size | dtype | ms | working MB | % of limit | speedup |", "|" + "---|" * 9]
+    """One line per row of the pass that carries each suite's targets, from the saved JSON results."""
+    lines = ["| suite | device | method | pass | size | dtype | ms | device ms | working MB | % of limit | speedup |",
+             "|" + "---|" * 11]
     for suite in suites:
         for path in sorted(out_dir.glob(f"{suite}_*.json")):
             data = json.loads(path.read_text())
             if device != "auto" and data.get("device_type") != device:
                 continue
             rows = data["results"]
-            wanted = "fw-bw" if any(r["pass_name"] == "fw-bw" for r in rows) else "fw"
+            wanted = SUMMARY_PASSES.get(suite) or ("fw-bw" if any(r["pass_name"] == "fw-bw" for r in rows) else "fw")
             for r in rows:
                 if r["pass_name"] != wanted or r["median_ms"] is None:
                     continue
                 frac = "-" if r["fraction_of_limit"] is None else f"{100 * r['fraction_of_limit']:.1f}"
                 speed = "-" if r["speedup_vs_baseline"] is None else f"{r['speedup_vs_baseline']:.2f}x"
-                lines.append(f"| {suite} | {data['device']} | {r['method']} | {r['size']} | {r['dtype']} | "
-                             f"{r['median_ms']:.2f} | {_fmt(r.get('working_mb'), '.1f')} | {frac} | {speed} |")
+                lines.append(f"| {suite} | {data['device']} | {r['method']} | {wanted} | {r['size']} | {r['dtype']} | "
+                             f"{r['median_ms']:.2f} | {_fmt(r.get('device_ms'), '.3f')} | "
+                             f"{_fmt(r.get('working_mb'), '.1f')} | {frac} | {speed} |")
     return "\n".join(lines)

@@ -11,6 +11,7 @@
 #include "cpu/parallel.h"
 #include "cpu/sampling.h"
 #ifdef PREFKERN_HAS_CUDA
+#include "cuda/ensemble.h"
 #include "cuda/logprobs.h"
 #include "cuda/sampling.h"
 #endif
@@ -105,6 +106,28 @@ NB_MODULE(_native, m) {
               g_stride_t, ptr<float>(grad_weight));
         },
         nb::call_guard<nb::gil_scoped_release>());
+#ifdef PREFKERN_HAS_CUDA
+  m.def("ensemble_reduce_cuda",
+        [](u64 scores, int dtype, int64_t k, int64_t n, int64_t stride_k, u64 mu, u64 sigma, int method,
+           float lam, int ddof, u64 combined, u64 mean, u64 var, u64 stream) {
+          check_cuda(prefkern::cuda::ensemble_reduce(ptr<const void>(scores), dtype, k, n, stride_k,
+                                                     ptr<const float>(mu), ptr<const float>(sigma), method, lam,
+                                                     ddof, ptr<float>(combined), ptr<float>(mean), ptr<float>(var),
+                                                     stream),
+                     "ensemble_reduce_cuda");
+        });
+  m.def("ensemble_head_forward_cuda",
+        [](u64 hidden, int dtype, int64_t b, int64_t h, int64_t stride_b, int64_t stride_t, u64 last,
+           u64 weight, int64_t k, int64_t w_stride, u64 bias, u64 mu, u64 sigma, int method, float lam,
+           int ddof, u64 scores, u64 combined, u64 mean, u64 var, u64 stream) {
+          check_cuda(prefkern::cuda::ensemble_head_forward(
+                         ptr<const void>(hidden), dtype, b, h, stride_b, stride_t, ptr<const int64_t>(last),
+                         ptr<const void>(weight), k, w_stride, ptr<const float>(bias), ptr<const float>(mu),
+                         ptr<const float>(sigma), method, lam, ddof, ptr<float>(scores), ptr<float>(combined),
+                         ptr<float>(mean), ptr<float>(var), stream),
+                     "ensemble_head_forward_cuda");
+        });
+#endif
   // ---- sampling ------------------------------------------------------------------------------
   // sample_{cpu,cuda}(logits, dtype, n_out, V, row_stride, row_index, temperature, top_k, top_p, min_p,
   //                   seed, offset, tokens, logprobs[, stream]); per-row parameters contiguous [n_out].

@@ -37,12 +37,13 @@ def methods(device: torch.device) -> Tuple[List[Tuple[str, str]], List[str]]:
         "its GPU backward is two small GEMMs on the gathered rows.",
     ]
     out = [("torch", "torch")]
-    for backend in ("native", "triton"):
+    for backend in ("native", "triton", "cuda"):
         ok, _ = backend_status(backend, device)
         if ok and not (backend == "triton" and device.type == "cpu"):
             out.append((f"prefkern-{backend}", backend))
     if device.type == "cuda":
-        notes.append("The CUDA C++ backend has no ensemble kernel (Triton is the GPU path): no prefkern-cuda rows.")
+        notes.append("prefkern-triton is what backend='auto' runs on a GPU; prefkern-cuda is the CUDA C++ kernel "
+                     "(backend='cuda'). Both backwards are the same two small GEMMs.")
     return out, notes
 
 

@@ -163,7 +163,8 @@ def ensemble_reduce(
         ``calibration_stats``; applied before the reduction.
     group_size : n: return [P, n] (best-of-n groups of n consecutive samples) instead of [N].
     check_finite : raise ValueError on NaN/Inf scores (one host synchronisation; off for sync-free loops).
-    backend : ``"auto"``, ``"native"``, ``"triton"``, ``"torch"`` (see ``prefkern.info()``).
+    backend : ``"auto"`` (Triton on CUDA, native C++ on the CPU), ``"native"``, ``"triton"``, ``"cuda"`` (the
+        CUDA C++ kernel), ``"torch"`` (see ``prefkern.info()``).
 
     Returns
     -------
@@ -312,7 +313,8 @@ class EnsembleRewardHead(nn.Module):
     """K scalar reward heads on one backbone, stored as one [K, H] weight, fused with the reduction.
 
     ``forward`` gathers the last real token of every sequence, applies all K heads and reduces them in
-    ONE kernel (Triton on CUDA, native C++ on the CPU); gradients flow to the heads and the hidden states.
+    ONE kernel (Triton on CUDA by default, the CUDA C++ kernel with ``backend="cuda"``, native C++ on the
+    CPU); gradients flow to the heads and the hidden states.
 
     Parameters
     ----------
@@ -320,7 +322,7 @@ class EnsembleRewardHead(nn.Module):
     num_members : K (4-5 recommended by Coste et al.)
     bias : learn a bias per member
     method, lam, ddof : default reduction (see ``ensemble_reduce``); overridable per call
-    backend : ``"auto"``, ``"native"``, ``"triton"``, ``"torch"``
+    backend : ``"auto"``, ``"native"``, ``"triton"``, ``"cuda"``, ``"torch"``
     check_finite : raise ValueError when a member score is NaN or Inf, a mask row has no real token or a
         length lies outside [1, T] (host synchronisations). False makes ``forward`` free of host syncs for
         generation loops: positions are clamped instead (an empty mask row scores position 0).

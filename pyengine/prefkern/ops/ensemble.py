@@ -14,7 +14,7 @@ import torch
 
 from .. import reference
 from ..dispatch import resolve_backend
-from ._backends import dtype_code, native_module, triton_kernels
+from ._backends import cuda_stream, dtype_code, native_module, triton_kernels
 
 METHODS = ("mean", "wco", "uwo")  # index = method code of the kernels
 
@@ -59,14 +59,14 @@ def ensemble_reduce_fwd(
         return _unaliased(reference.ensemble_reduce(scores, METHODS[method], lam, ddof, mu, sigma, _compute_dtype(scores)))
     if chosen == "triton":
         return triton_kernels("ensemble").ensemble_reduce(scores, mu, sigma, method, lam, ddof)
-    if chosen == "cuda":
-        raise RuntimeError("prefkern.ensemble_reduce has no CUDA C++ kernel; use backend='triton' or 'auto'")
     k, n = scores.shape
-    out = [torch.empty(n, dtype=torch.float32) for _ in range(3)]
-    native_module().ensemble_reduce_cpu(
-        scores.data_ptr(), dtype_code(scores), k, n, scores.stride(0), _ptr(mu), _ptr(sigma), method, lam, ddof,
-        *(t.data_ptr() for t in out),
-    )
+    out = [torch.empty(n, dtype=torch.float32, device=scores.device) for _ in range(3)]
+    args = (scores.data_ptr(), dtype_code(scores), k, n, scores.stride(0), _ptr(mu), _ptr(sigma), method, lam, ddof,
+            *(t.data_ptr() for t in out))
+    if chosen == "cuda":
+        native_module().ensemble_reduce_cuda(*args, cuda_stream(scores))
+    else:
+        native_module().ensemble_reduce_cpu(*args)
     return tuple(out)
 
 
@@ -141,18 +141,18 @@ def ensemble_head_fwd(
     elif chosen == "triton":
         out = triton_kernels("ensemble").ensemble_head_forward(hidden, last, weight, bias, mu, sigma, method, lam,
                                                                ddof)
-    elif chosen == "cuda":
-        raise RuntimeError("prefkern.EnsembleRewardHead has no CUDA C++ kernel; use backend='triton' or 'auto'")
     else:
         b, _, h = hidden.shape
         k = weight.shape[0]
-        scores = torch.empty((k, b), dtype=torch.float32)
-        rest = [torch.empty(b, dtype=torch.float32) for _ in range(3)]
-        native_module().ensemble_head_forward_cpu(
-            hidden.data_ptr(), dtype_code(hidden), b, h, hidden.stride(0), hidden.stride(1), last.data_ptr(),
-            weight.data_ptr(), k, weight.stride(0), _ptr(bias), _ptr(mu), _ptr(sigma), method, lam, ddof,
-            scores.data_ptr(), *(t.data_ptr() for t in rest),
-        )
+        scores = torch.empty((k, b), dtype=torch.float32, device=hidden.device)
+        rest = [torch.empty(b, dtype=torch.float32, device=hidden.device) for _ in range(3)]
+        args = (hidden.data_ptr(), dtype_code(hidden), b, h, hidden.stride(0), hidden.stride(1), last.data_ptr(),
+                weight.data_ptr(), k, weight.stride(0), _ptr(bias), _ptr(mu), _ptr(sigma), method, lam, ddof,
+                scores.data_ptr(), *(t.data_ptr() for t in rest))
+        if chosen == "cuda":
+            native_module().ensemble_head_forward_cuda(*args, cuda_stream(hidden))
+        else:
+            native_module().ensemble_head_forward_cpu(*args)
         out = (scores, *rest)
     if check_finite:
         _check_finite("EnsembleRewardHead", out[0], "the member score [k, b]")
