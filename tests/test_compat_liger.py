@@ -260,6 +260,54 @@ def test_paired_against_materialised_logits(kind):
     compare(got, want)
 
 
+PAIRED_MODULES = {
+    "dpo": lambda: ours.LigerFusedLinearDPOLoss(beta=0.5, compute_nll_loss=True, alpha=0.5),
+    "dpo_avg_robust": lambda: ours.LigerFusedLinearDPOLoss(beta=0.3, average_log_prob=True, loss_type="robust",
+                                                           label_smoothing=0.1),
+    "orpo": lambda: ours.LigerFusedLinearORPOLoss(beta=0.2),
+    "cpo": lambda: ours.LigerFusedLinearCPOLoss(beta=0.3, alpha=0.8),
+    "simpo": lambda: ours.LigerFusedLinearSimPOLoss(beta=2.0, gamma=0.6, label_smoothing=0.1),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PAIRED_MODULES))
+@pytest.mark.parametrize("pairs_per_chunk", [1, 2])
+def test_eager_chunks_match_stream(kind, pairs_per_chunk, monkeypatch):
+    """The eager path (3 matmul units, gradients per chunk of pairs) against the stream path, with the
+    5-pair batch split into chunks of 1 and 2 pairs (the last chunk short)."""
+    import prefkern.eager
+
+    data = make_batch(rows=10, seed=4)
+    module = PAIRED_MODULES[kind]()
+    kw = {}
+    if kind.startswith("dpo"):
+        kw = dict(ref_input=data["ref_hidden"], ref_weight=data["ref_weight"], ref_bias=data["ref_bias"])
+    calls = []
+    real = prefkern.eager.eager_pair_chunks
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ours, "eager_pair_chunks", spy)
+    monkeypatch.setitem(prefkern.eager.EAGER_TOKENS_PER_CHUNK, "cpu", 2 * T * pairs_per_chunk)
+    eager = run(paired(module, data, **kw), data, grad_scale=1.7)
+    assert calls, "the eager path was not taken"
+    monkeypatch.setattr(ours, "eager_applies", lambda *a: False)
+    stream = run(paired(module, data, **kw), data, grad_scale=1.7)
+    assert len(calls) == 1
+    compare(eager, stream)
+
+
+def test_eager_raises_input_errors_before_any_gemm(monkeypatch):
+    """A completion with no scored token under length averaging is refused by the dry run."""
+    data = make_batch()
+    data["target"][1] = IGNORE
+    monkeypatch.setattr(ours, "eager_pair_chunks", lambda *a, **k: pytest.fail("GEMMs ran before the check"))
+    with pytest.raises(ValueError, match=r"target rows \[1\] have no scored token"):
+        run(paired(ours.LigerFusedLinearSimPOLoss(), data), data)
+
+
 def test_kto_against_materialised_logits():
     n = KTO_LABELS.numel()
     data = make_batch(rows=n, seed=10)

@@ -16,18 +16,17 @@ The logits ``[2B, T, V]`` never exist. Two modes (DESIGN.md section 4):
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import replace
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from ._validation import check_labels_in_range, check_tensor
-from .dispatch import resolve_backend
-from .losses import PreferenceBatch, PreferenceLossOutput, preference_batch, preference_loss
+from ._validation import check_tensor
+from .eager import default_memory_budget, eager_applies, eager_pair_chunks, pair_fits, with_gradients
+from .losses import PreferenceBatch, PreferenceLossOutput, preference_batch
 from .losses.registry import LOSS_REGISTRY
-from .ops.linear_logprobs import _row_backward_inplace, _row_forward, linear_logprobs, shift_labels
+from .ops.linear_logprobs import linear_logprobs, shift_labels
 
 # Losses whose batch value is a mean over pairs of per-pair terms (plus a token-mean NLL), so that
 # a chunk of pairs gives its exact share of the gradient. aot* sort across the batch and bco_pair
@@ -37,48 +36,12 @@ EAGER_LOSS_TYPES = frozenset({
     "discopop", "sft", "sigmoid_norm", "cdpo", "rpo", "simpo", "simpo_hinge", "orpo", "cpo", "cpo_hinge",
     "cpo_ipo", "cpo_simpo", "alphapo", "ipo_paper", "slic_hf",
 })
-EAGER_TOKENS_PER_CHUNK = {"cpu": 1024, "cuda": 4096}
-
-
-def default_memory_budget(device: torch.device) -> int:
-    """A tenth of the free memory of ``device`` (bytes)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 10
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024 // 10
-    except (OSError, KeyError, ValueError):
-        return 1 << 30
-
-
 def _family(loss_type: str) -> Callable[..., PreferenceLossOutput]:
     if loss_type == "rpo":
         return LOSS_REGISTRY["sigmoid"][0]
     if loss_type not in LOSS_REGISTRY:
         raise ValueError(f"loss_type {loss_type!r} is not in the catalog; choose from {sorted(LOSS_REGISTRY) + ['rpo']}")
     return LOSS_REGISTRY[loss_type][0]
-
-
-class _EagerGradients(torch.autograd.Function):
-    """Returns a precomputed loss value whose gradients were computed in forward; backward scales them."""
-
-    @staticmethod
-    def forward(ctx, value, hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
-        ctx.grads = (grad_hidden, grad_weight, grad_bias)
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.grads is None:
-            raise RuntimeError("the eager loss has been backpropagated already (its gradients are scaled in "
-                               "place); use mode='stream' to backpropagate the same graph twice")
-        gh, gw, gb = ctx.grads
-        ctx.grads = None
-        # scaled in place: the gradients belong to this node alone, and a copy of dW would double its memory
-        scale = lambda g: None if g is None else g.mul_(grad_out.to(g.dtype))  # noqa: E731
-        return None, scale(gh), scale(gw), scale(gb), None, None, None
 
 
 class FusedLinearPreferenceLoss(nn.Module):
@@ -291,85 +254,28 @@ class FusedLinearPreferenceLoss(nn.Module):
         if (self.mode == "stream" or self.loss_type not in EAGER_LOSS_TYPES or self.empty_completions == "drop"
                 or self._tensor_options):
             return False
-        if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        if not eager_applies(hidden, weight, bias, self.backend, "FusedLinearPreferenceLoss"):
             return False
-        if resolve_backend(self.backend, hidden.device, "FusedLinearPreferenceLoss") == "torch":
-            return False
-        if self.mode == "eager":
-            return True
-        pair_bytes = 2 * hidden.shape[1] * weight.shape[0] * 4
-        budget = self.memory_budget or default_memory_budget(hidden.device)
-        return pair_bytes <= budget
+        return self.mode == "eager" or pair_fits(hidden.shape[1], weight.shape[0], self.memory_budget, hidden.device)
 
     # ---- eager: gradients inside forward ------------------------------------------------------------
 
     def _eager(self, hidden, weight, labels, bias, mask, ref_seq, ref_tokens) -> PreferenceLossOutput:
-        b2, t, h = hidden.shape
-        b = b2 // 2
-        v = weight.shape[0]
-        dev = hidden.device
-        check_labels_in_range(labels, v, self.ignore_index)
-        backend = resolve_backend(self.backend, dev, "FusedLinearPreferenceLoss")
-        budget = self.memory_budget or default_memory_budget(dev)
-        per_pair = 2 * t * v * 4
-        want = max(1, EAGER_TOKENS_PER_CHUNK.get(dev.type, 1024) // (2 * t))
-        chunk = max(1, min(b, want, budget // per_pair))
-
-        need_dx, need_dw = hidden.requires_grad, weight.requires_grad
-        need_db = bias is not None and bias.requires_grad
-        w32 = weight.detach().to(torch.float32)
-        b32 = None if bias is None else bias.detach().to(torch.float32)
-        dx = torch.zeros((b2, t, h), dtype=torch.float32, device=dev) if need_dx else None
-        dw = torch.zeros((v, h), dtype=torch.float32, device=dev) if need_dw else None
-        db = torch.zeros((v,), dtype=torch.float32, device=dev) if need_db else None
-        token_logps = torch.zeros((b2, t), dtype=torch.float32, device=dev)
+        b = hidden.shape[0] // 2
         total_chosen = mask[:b].sum().clamp(min=1).to(torch.float32)
-        buf = torch.empty((2 * chunk * t, v), dtype=torch.float32, device=dev)
-        lse = torch.empty(2 * chunk * t, dtype=torch.float32, device=dev)
-        flat_labels = labels.to(torch.int64)
 
-        for s in range(0, b, chunk):
-            e = min(b, s + chunk)
+        def chunk_share(leaf, rows, s, e):
             c = e - s
-            rows = torch.cat([torch.arange(s, e, device=dev), torch.arange(b + s, b + e, device=dev)])
-            m = mask[rows]
-            # only scored tokens go through the GEMMs: prompt and padding rows contribute exactly zero
-            scored = m.reshape(-1).nonzero().squeeze(1)
-            nv = scored.numel()
-            x = hidden.detach()[rows].reshape(-1, h)[scored].to(torch.float32)
-            y = flat_labels[rows].reshape(-1)[scored].contiguous()
-            z = torch.mm(x, w32.t(), out=buf[:nv])
-            if b32 is not None:
-                z.add_(b32)
-            tok_scored = torch.empty(nv, dtype=torch.float32, device=dev)
-            _row_forward(backend, z, y, self.ignore_index, tok_scored, lse[:nv])
-            tok = torch.zeros(2 * c * t, dtype=torch.float32, device=dev).index_copy_(0, scored, tok_scored)
-            leaf = tok.view(2 * c, t).requires_grad_()
-            with torch.enable_grad():
-                batch = self._batch(leaf, m, self._slice_ref(ref_seq, s, e), None if ref_tokens is None else ref_tokens[rows])
-                # the chunk's share of the batch's token-mean NLL, rescaled because the chunk loss is averaged over c pairs
-                chunk_nll = -(leaf[:c] * m[:c]).sum() / total_chosen * (b / c)
-                batch = replace(batch, chosen_nll=chunk_nll)
-                share = self._paired_loss(batch).loss * (c / b)
-                (g,) = torch.autograd.grad(share, leaf)
-            token_logps[rows] = tok.view(2 * c, t)
-            _row_backward_inplace(backend, g.reshape(-1)[scored].contiguous(), z, y, self.ignore_index, lse[:nv])
-            if need_dx:
-                dx_rows = torch.zeros((2 * c * t, h), dtype=torch.float32, device=dev)
-                dx_rows.index_copy_(0, scored, torch.mm(z, w32))
-                dx[rows] = dx_rows.view(2 * c, t, h)
-            if need_dw:
-                dw.addmm_(z.t(), x)
-            if need_db:
-                db.add_(z.sum(dim=0))
+            batch = self._batch(leaf, mask[rows], self._slice_ref(ref_seq, s, e),
+                                None if ref_tokens is None else ref_tokens[rows])
+            # the chunk's share of the batch's token-mean NLL, rescaled because the chunk loss is averaged over c pairs
+            chunk_nll = -(leaf[:c] * mask[rows][:c]).sum() / total_chosen * (b / c)
+            return self._paired_loss(replace(batch, chosen_nll=chunk_nll)).loss * (c / b)
 
+        token_logps, grads = eager_pair_chunks(hidden, weight, bias, labels, self.ignore_index, chunk_share,
+                                               backend=self.backend, memory_budget=self.memory_budget)
         out = self._paired_loss(self._batch(token_logps, mask, ref_seq, ref_tokens))
-        loss = _EagerGradients.apply(
-            out.loss.detach(), hidden, weight, bias,
-            None if dx is None else dx.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
-            None if db is None else db.to(bias.dtype),
-        )
-        return replace(out, loss=loss)
+        return replace(out, loss=with_gradients(out.loss, hidden, weight, bias, grads))
 
     @staticmethod
     def _slice_ref(ref_seq, s, e):

@@ -59,12 +59,13 @@ Every Liger output is reproduced; none needs the logits.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..losses import chosen_nll, cpo_loss, dpo_loss, orpo_loss, sequence_lengths, sequence_logps, simpo_loss
+from ..eager import eager_applies, eager_pair_chunks, pair_fits, with_gradients
 from ..ops.linear_logprobs import linear_logprobs
 
 __all__ = [
@@ -231,35 +232,51 @@ def _logits_means(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     return (sums[:b].sum() / denom).to(torch.float32), (sums[b:].sum() / denom).to(torch.float32)
 
 
-def _nll(
-    compute: bool,
-    tok: torch.Tensor,
-    mask: torch.Tensor,
-    b: int,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    target: torch.Tensor,
-    ignore_index: int,
-    nll_target: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """0-d token-mean NLL of the chosen rows (over ``nll_target`` when given), or 0 when not computed."""
-    if not compute:
-        return tok.new_zeros(())
-    if nll_target is None:
-        return chosen_nll(tok[:b], mask[:b])
-    if not isinstance(nll_target, torch.Tensor):
-        raise TypeError(f"nll_target must be a torch.Tensor or None, got {type(nll_target).__name__}")
-    if tuple(nll_target.shape) != tuple(target.shape):
-        raise ValueError(f"nll_target must have target's shape {tuple(target.shape)} ([2B, T]; its chosen half is "
-                         f"used), got {tuple(nll_target.shape)}")
-    nll_labels = nll_target[:b]
-    nll_tok = _token_logps(hidden[:b], weight, nll_labels, bias, ignore_index)
-    return chosen_nll(nll_tok, nll_labels != ignore_index)
+class _Pairs:
+    """What the paired losses read from the token log-probs ``tok [2c, T]`` of pairs ``s..e-1`` of a batch of
+    ``b`` pairs: the whole batch in stream mode, one chunk of it in eager mode (``check`` off)."""
+
+    def __init__(self, tok: torch.Tensor, mask: torch.Tensor, s: int, e: int, b: int, chosen_tokens: torch.Tensor,
+                 check: bool) -> None:
+        self.tok, self.mask, self.s, self.e, self.b = tok, mask, s, e, b
+        self.c = e - s
+        self.chosen_tokens = chosen_tokens  # scored chosen tokens of the whole batch: the NLL's normaliser
+        self.check = check
+
+    def logps(self, average: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        if average and self.check:
+            _check_scored(self.mask, "average_log_prob=True")
+        seq = sequence_logps(self.tok, self.mask, average=average)
+        return seq[: self.c], seq[self.c:]
+
+    def sums_and_lengths(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.check:
+            _check_scored(self.mask, "this loss (length-averaged log-probs)")
+        seq = sequence_logps(self.tok, self.mask)
+        lengths = sequence_lengths(self.mask)
+        return seq[: self.c], seq[self.c:], lengths[: self.c], lengths[self.c:]
+
+    def nll(self, compute: bool) -> torch.Tensor:
+        """The batch's chosen token-mean NLL (a chunk: its part, times b / c, since the caller weighs the
+        chunk's pair-mean loss by c / b)."""
+        if not compute:
+            return self.tok.new_zeros(())
+        if self.check:
+            return chosen_nll(self.tok[: self.c], self.mask[: self.c])
+        return -(self.tok[: self.c] * self.mask[: self.c]).sum() / self.chosen_tokens * (self.b / self.c)
+
+    def split(self, per_row: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """This slice's (chosen, rejected) entries of a ``[2B]`` per-sequence tensor of the whole batch."""
+        return per_row[self.s: self.e], per_row[self.b + self.s: self.b + self.e]
+
+
+# objective(pairs) -> (0-d loss, anything the caller reports); for eager mode the batch loss must be a mean
+# over pairs of per-pair terms plus pairs.nll(...) terms
+Objective = Callable[[_Pairs], Tuple[torch.Tensor, Any]]
 
 
 class _PairedPass:
-    """Policy token log-probs of a ``[chosen; rejected]`` batch and what every paired loss reads from them."""
+    """A ``[chosen; rejected]`` batch and the policy pass every paired loss makes over it."""
 
     def __init__(self, lin_weight: object, _input: object, target: object, bias: Optional[torch.Tensor],
                  ignore_index: int) -> None:
@@ -267,24 +284,45 @@ class _PairedPass:
         self.bias = bias
         self.ignore_index = ignore_index
         self.b = self.hidden.shape[0] // 2
-        self.tok = _token_logps(self.hidden, self.weight, self.target, bias, ignore_index)
         self.mask = self.target != ignore_index
+        self.chosen_tokens = self.mask[: self.b].sum().clamp(min=1).to(torch.float32)
 
-    def logps(self, average: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        if average:
-            _check_scored(self.mask, "average_log_prob=True")
-        seq = sequence_logps(self.tok, self.mask, average=average)
-        return seq[: self.b], seq[self.b:]
+    def _whole(self, tok: torch.Tensor) -> _Pairs:
+        return _Pairs(tok, self.mask, 0, self.b, self.b, self.chosen_tokens, check=True)
 
-    def sums_and_lengths(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        _check_scored(self.mask, "this loss (length-averaged log-probs)")
-        seq = sequence_logps(self.tok, self.mask)
-        lengths = sequence_lengths(self.mask)
-        return seq[: self.b], seq[self.b:], lengths[: self.b], lengths[self.b:]
+    def run(self, objective: Objective, eager: bool = True) -> Tuple[torch.Tensor, Any]:
+        """``objective`` on the whole batch with gradients to ``_input``, ``lin_weight`` and ``bias``.
 
-    def nll(self, compute: bool, nll_target: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return _nll(compute, self.tok, self.mask, self.b, self.hidden, self.weight, self.bias, self.target,
-                    self.ignore_index, nll_target)
+        Eager (3 matmul units: the gradients are taken chunk by chunk of pairs inside forward) when a
+        gradient is wanted, the objective decomposes per pair (``eager``), the inputs are not float64 and a
+        pair's fp32 logits fit a tenth of free memory; otherwise stream (:func:`prefkern.linear_logprobs`,
+        4 units).
+        """
+        h, w, bias = self.hidden, self.weight, self.bias
+        if not (eager and eager_applies(h, w, bias, "auto", "compat.liger")
+                and pair_fits(h.shape[1], w.shape[0], None, h.device)):
+            return objective(self._whole(_token_logps(h, w, self.target, bias, self.ignore_index)))
+        with torch.no_grad():  # input errors before any GEMM: a dry run on placeholder log-probs (-1 per token)
+            objective(self._whole(-self.mask.to(torch.float32)))
+
+        def chunk_share(leaf: torch.Tensor, rows: torch.Tensor, s: int, e: int) -> torch.Tensor:
+            pairs = _Pairs(leaf, self.mask[rows], s, e, self.b, self.chosen_tokens, check=False)
+            return objective(pairs)[0] * ((e - s) / self.b)
+
+        tok, grads = eager_pair_chunks(h, w, bias, self.target, self.ignore_index, chunk_share, op="compat.liger")
+        loss, extra = objective(self._whole(tok))
+        return with_gradients(loss, h, w, bias, grads), extra
+
+    def nll_over(self, nll_target: object) -> torch.Tensor:
+        """Chosen token-mean NLL over other labels (ORPO's ``nll_target``; its chosen half): a pass of its own."""
+        if not isinstance(nll_target, torch.Tensor):
+            raise TypeError(f"nll_target must be a torch.Tensor or None, got {type(nll_target).__name__}")
+        if tuple(nll_target.shape) != tuple(self.target.shape):
+            raise ValueError(f"nll_target must have target's shape {tuple(self.target.shape)} ([2B, T]; its chosen "
+                             f"half is used), got {tuple(nll_target.shape)}")
+        labels = nll_target[: self.b]
+        tok = _token_logps(self.hidden[: self.b], self.weight, labels, self.bias, self.ignore_index)
+        return chosen_nll(tok, labels != self.ignore_index)
 
     def logits_means(self) -> Tuple[torch.Tensor, torch.Tensor]:
         return _logits_means(self.hidden, self.weight, self.bias, self.b)
@@ -414,22 +452,28 @@ class LigerFusedLinearDPOLoss(nn.Module):
             nll_loss 0-d, chosen_rewards [B], rejected_rewards [B])`` with rewards ``beta * (logps - ref_logps)``.
         """
         p = _PairedPass(lin_weight, _input, target, bias, self.ignore_index)
-        chosen, rejected = p.logps(self.average_log_prob)
+        ref = None
         if self.use_ref_model:
             ref = _reference_logps(ref_input, ref_weight, ref_bias, p.weight, bias, p.target, p.mask,
                                    self.ignore_index, self.average_log_prob)
-            ref_chosen, ref_rejected = ref[: p.b], ref[p.b:]
-        else:
-            ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
         options = {}
         if self.loss_type in ("robust", "exo_pair"):
             options["label_smoothing"] = self.label_smoothing
         if self.loss_type == "discopop":
             options["discopop_tau"] = self.discopop_tau
-        out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, loss_type=self.loss_type, beta=self.beta,
-                       **options)
-        nll = p.nll(self.compute_nll_loss)
-        loss = out.loss + self.alpha * nll if self.compute_nll_loss else out.loss
+
+        def objective(pairs: _Pairs):
+            chosen, rejected = pairs.logps(self.average_log_prob)
+            ref_chosen, ref_rejected = (torch.zeros_like(chosen), torch.zeros_like(rejected)) if ref is None \
+                else pairs.split(ref)
+            out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, loss_type=self.loss_type, beta=self.beta,
+                           **options)
+            nll = pairs.nll(self.compute_nll_loss)
+            loss = out.loss + self.alpha * nll if self.compute_nll_loss else out.loss
+            return loss, (chosen, rejected, nll, out)
+
+        # bco_pair keeps a running mean of the rewards across the batch: it does not split into pairs
+        loss, (chosen, rejected, nll, out) = p.run(objective, eager=self.loss_type != "bco_pair")
         chosen_mean, rejected_mean = p.logits_means()
         return loss, _aux(chosen, rejected, chosen_mean, rejected_mean, nll, out.chosen_rewards, out.rejected_rewards)
 
@@ -506,13 +550,19 @@ class LigerFusedLinearORPOLoss(nn.Module):
             ``log_odds_chosen = mean z``.
         """
         p = _PairedPass(lin_weight, _input, target, bias, self.ignore_index)
-        sum_c, sum_r, len_c, len_r = p.sums_and_lengths()
-        nll = p.nll(self.compute_nll_loss, nll_target)
-        out = orpo_loss(sum_c, sum_r, len_c, len_r, nll, beta=self.beta)
-        chosen, rejected = p.logps(average=True)
+        other_nll = None if nll_target is None or not self.compute_nll_loss else p.nll_over(nll_target)
+
+        def objective(pairs: _Pairs):
+            sum_c, sum_r, len_c, len_r = pairs.sums_and_lengths()
+            nll = pairs.nll(self.compute_nll_loss) if other_nll is None else other_nll
+            out = orpo_loss(sum_c, sum_r, len_c, len_r, nll, beta=self.beta)
+            return out.loss, (nll, out, pairs.logps(average=True))
+
+        # an NLL over other labels is a graph of its own: the policy pass then streams
+        loss, (nll, out, (chosen, rejected)) = p.run(objective, eager=other_nll is None)
         chosen_mean, rejected_mean = p.logits_means()
-        return out.loss, _aux(chosen, rejected, chosen_mean, rejected_mean, nll, out.chosen_rewards,
-                              out.rejected_rewards, out.metrics["log_odds_ratio"], out.metrics["log_odds_chosen"])
+        return loss, _aux(chosen, rejected, chosen_mean, rejected_mean, nll, out.chosen_rewards,
+                          out.rejected_rewards, out.metrics["log_odds_ratio"], out.metrics["log_odds_chosen"])
 
 
 # ---- CPO ---------------------------------------------------------------------------------------------------------
@@ -595,11 +645,16 @@ class LigerFusedLinearCPOLoss(nn.Module):
             chosen_rewards [B], rejected_rewards [B])``, rewards ``beta * logps``.
         """
         p = _PairedPass(lin_weight, _input, target, bias, self.ignore_index)
-        chosen, rejected = p.logps(self.average_log_prob)
-        out = cpo_loss(chosen, rejected, loss_type="sigmoid", beta=self.beta, label_smoothing=self.label_smoothing,
-                       cpo_alpha=0.0)
-        nll = p.nll(self.compute_nll_loss)
-        loss = out.loss + self.alpha * nll if self.compute_nll_loss else out.loss
+
+        def objective(pairs: _Pairs):
+            chosen, rejected = pairs.logps(self.average_log_prob)
+            out = cpo_loss(chosen, rejected, loss_type="sigmoid", beta=self.beta,
+                           label_smoothing=self.label_smoothing, cpo_alpha=0.0)
+            nll = pairs.nll(self.compute_nll_loss)
+            loss = out.loss + self.alpha * nll if self.compute_nll_loss else out.loss
+            return loss, (chosen, rejected, nll, out)
+
+        loss, (chosen, rejected, nll, out) = p.run(objective)
         chosen_mean, rejected_mean = p.logits_means()
         return loss, _aux(chosen, rejected, chosen_mean, rejected_mean, nll, out.chosen_rewards, out.rejected_rewards)
 
@@ -684,12 +739,16 @@ class LigerFusedLinearSimPOLoss(nn.Module):
             chosen_rewards [B], rejected_rewards [B])``; logps length-averaged, rewards ``beta * logps``.
         """
         p = _PairedPass(lin_weight, _input, target, bias, self.ignore_index)
-        sum_c, sum_r, len_c, len_r = p.sums_and_lengths()
-        out = simpo_loss(sum_c, sum_r, len_c, len_r, beta=self.beta, gamma_beta_ratio=self.gamma / self.beta,
-                         label_smoothing=self.label_smoothing)
-        nll = p.nll(self.compute_nll_loss)
-        loss = out.loss + self.alpha * nll if self.compute_nll_loss else out.loss
-        chosen, rejected = p.logps(average=True)
+
+        def objective(pairs: _Pairs):
+            sum_c, sum_r, len_c, len_r = pairs.sums_and_lengths()
+            out = simpo_loss(sum_c, sum_r, len_c, len_r, beta=self.beta, gamma_beta_ratio=self.gamma / self.beta,
+                             label_smoothing=self.label_smoothing)
+            nll = pairs.nll(self.compute_nll_loss)
+            loss = out.loss + self.alpha * nll if self.compute_nll_loss else out.loss
+            return loss, (nll, out, pairs.logps(average=True))
+
+        loss, (nll, out, (chosen, rejected)) = p.run(objective)
         chosen_mean, rejected_mean = p.logits_means()
         return loss, _aux(chosen, rejected, chosen_mean, rejected_mean, nll, out.chosen_rewards, out.rejected_rewards)
 
