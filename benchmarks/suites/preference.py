@@ -9,6 +9,7 @@ import torch
 
 import prefkern
 from prefkern import reference
+from prefkern.compat.liger import LigerFusedLinearDPOLoss as LigerDPOCompat
 
 from ..harness import Case
 
@@ -63,6 +64,10 @@ def methods(device: torch.device) -> Tuple[List[Tuple[str, Callable, bool]], Lis
         ("prefkern-eager", lambda x, w, y, rx, rw: eager(x, w, y, ref_hidden=rx, ref_weight=rw).loss, True),
         ("prefkern-stream", lambda x, w, y, rx, rw: stream(x, w, y, ref_hidden=rx, ref_weight=rw).loss, False),
     ]
+    compat = LigerDPOCompat(beta=0.1, use_ref_model=True)
+    out.append(("prefkern-liger-api", lambda x, w, y, rx, rw: compat(w, x, y, None, rx, rw)[0], True))
+    notes.append("prefkern-liger-api = prefkern.compat.liger.LigerFusedLinearDPOLoss, the drop-in with Liger's "
+                 "signature and aux outputs (eager underneath).")
     liger = _liger()
     if liger is not None:
         out.append(("liger", liger, True))

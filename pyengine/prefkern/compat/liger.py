@@ -48,9 +48,13 @@ Where prefkern differs (on purpose)
   chunk against all of ``kl``. A scalar ``kl`` gives the same result in both.
 * ``beta`` must be > 0 for DPO, CPO and SimPO, and ``label_smoothing`` lie in [0, 1] for CPO and SimPO
   (checked at construction; Liger accepts any number).
-* Cost: the policy pass is :func:`prefkern.linear_logprobs`'s stream path (forward, recompute, dX, dW: 4
-  matmul units for a trained step, against Liger's 3) holding one chunk of logits at a time (Liger: the
-  fp32 logits of ``chunk_size`` pairs, plus their log-softmax and gradient); the reference pass is 1 unit.
+* Cost: the paired losses (DPO, ORPO, CPO, SimPO) take :mod:`prefkern.eager`'s path when a gradient is
+  wanted: chunks of whole pairs through the lm-head once, the loss gradient taken per chunk and the dX /
+  dW GEMMs inside forward (3 matmul units for a trained step, as Liger) holding one chunk of fp32 logits,
+  sized by tokens rather than ``chunk_size``. DPO's ``bco_pair`` (a running mean across the batch), ORPO
+  with an ``nll_target``, float64 inputs and KTO stream through :func:`prefkern.linear_logprobs`
+  (forward, recompute, dX, dW: 4 units, one chunk of logits at a time). The reference pass is 1 unit.
+  ``backward`` of an eager loss runs once (its stored gradients are scaled in place).
 * Liger 0.8.5 has no precomputed reference log-probs in these classes, so neither does this module
   (use :class:`prefkern.FusedLinearPreferenceLoss` with ``ref_logps=...`` for that).
 
