@@ -192,6 +192,8 @@ def linear_lse_forward(
     safe_top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
     lse = safe_top + torch.log((s * torch.exp(m - safe_top)).sum(dim=0))
     logp = torch.where(labels == ignore_index, torch.zeros_like(lse), zy.sum(dim=0) - lse)
+    # an out-of-range label (unchecked under graph capture) matched no column: NaN, not -lse
+    logp = torch.where((labels != ignore_index) & ((labels < 0) | (labels >= v)), torch.full_like(lse, float("nan")), logp)
     return logp, lse
 
 

@@ -39,9 +39,10 @@ def _logprobs_forward_kernel(
     lse = m + tl.log(s)
     y = tl.load(labels_ptr + row).to(tl.int64)
     valid = y != ignore_index
-    zy = tl.load(row_ptr + tl.where(valid, y, 0)).to(tl.float32) * scale
+    in_range = (y >= 0) & (y < V)  # out of range (unchecked under graph capture): NaN, never a stray read
+    zy = tl.load(row_ptr + tl.where(valid & in_range, y, 0)).to(tl.float32) * scale
     tl.store(lse_ptr + row, lse)
-    tl.store(logp_ptr + row, tl.where(valid, zy - lse, 0.0))
+    tl.store(logp_ptr + row, tl.where(valid, tl.where(in_range, zy - lse, float("nan")), 0.0))
 
 
 @triton.heuristics({"EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0})

@@ -31,3 +31,40 @@ def test_logprobs_gpu(backend, dtype, n, v):
     xd = logits.clone().requires_grad_()
     reference.logprobs(xd, labels, compute_dtype=dtype).backward(g.to(dtype))
     assert_within_torch_error(x.grad, xd.grad, x64.grad, dtype, "grad")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_logprobs_captures_in_a_cuda_graph(backend):
+    """No host sync inside: the op captures; an out-of-range label, unchecked there, gives NaN."""
+    logits = torch.randn(64, 32000, device="cuda", dtype=torch.bfloat16)
+    labels = torch.randint(0, 32000, (64,), device="cuda")
+    prefkern.logprobs(logits, labels, backend=backend)  # warm-up (JIT, allocator)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = prefkern.logprobs(logits, labels, backend=backend)
+    labels[5] = 32000
+    graph.replay()
+    torch.cuda.synchronize()
+    ok = torch.arange(64, device="cuda") != 5
+    want = reference.logprobs(logits, labels.clamp(max=31999), compute_dtype=torch.float64)
+    assert torch.isnan(out[5])
+    torch.testing.assert_close(out[ok].double(), want[ok], atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        prefkern.logprobs(logits, labels, backend=backend)  # outside capture the check still runs
+
+
+def test_linear_logprobs_triton_forward_captures_in_a_cuda_graph():
+    """The Triton tile forward (a reference pass under no_grad) captures: no row selection, no range check."""
+    hidden = torch.randn(2, 64, 256, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(1000, 256, device="cuda", dtype=torch.bfloat16) * 0.05
+    labels = torch.randint(0, 1000, (2, 64), device="cuda")
+    labels[:, :10] = -100
+    with torch.no_grad():
+        want = prefkern.linear_logprobs(hidden, weight, labels, backend="triton")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = prefkern.linear_logprobs(hidden, weight, labels, backend="triton")
+        graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, want, atol=1e-3, rtol=1e-3)
+    assert (out[:, :10] == 0).all()

@@ -207,3 +207,32 @@ def test_masked_vocabulary_entries(backend):
     torch.testing.assert_close(out, truth(logits, labels).float(), atol=1e-5, rtol=1e-5)
     out.sum().backward()
     assert torch.isfinite(x.grad).all() and torch.all(x.grad[:, :5] == 0)
+
+
+def test_kernels_write_nan_for_out_of_range_labels():
+    """The range check is skipped under CUDA graph capture (it would sync): the kernels themselves must
+    then give NaN for a label outside [0, V), never read out of bounds, and leave the other rows exact."""
+    from prefkern.ops._backends import dtype_code, native_module
+
+    logits, labels = make(6, 50, torch.float32)
+    labels[1], labels[3], labels[4] = 50, -7, -100
+    want = truth(logits, labels.where((labels >= 0) & (labels < 50), torch.zeros_like(labels)))
+    outs = {}
+    if backend_status("native", CPU)[0]:
+        logp, lse = torch.empty(6), torch.empty(6)
+        native_module().logprobs_forward_cpu(logits.data_ptr(), dtype_code(logits), 6, 50, 50, labels.data_ptr(),
+                                             -100, 1.0, logp.data_ptr(), lse.data_ptr())
+        outs["native"] = logp
+    if backend_status("triton", CPU)[0]:
+        from prefkern.kernels import linear_logprobs as linear_kernels
+        from prefkern.kernels import logprobs as row_kernels
+
+        outs["triton"] = row_kernels.logprobs_forward(logits, labels, -100, 1.0)[0]
+        eye = torch.eye(50)  # hidden = logits, weight = I: the tile forward scores the same logits
+        outs["triton-linear"] = linear_kernels.linear_lse_forward(logits, eye, None, labels, -100)[0]
+    assert outs, "no kernel backend to test"
+    for name, logp in outs.items():
+        assert torch.isnan(logp[1]) and torch.isnan(logp[3]), name
+        assert logp[4] == 0, name
+        keep = [0, 2, 5]
+        torch.testing.assert_close(logp[keep].double(), want[keep], atol=1e-5, rtol=1e-5, msg=name)

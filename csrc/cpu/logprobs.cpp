@@ -62,7 +62,8 @@ void forward_impl(const typename D::storage* logits, int64_t n_rows, int64_t voc
       float l = row_logsumexp<D>(row, vocab, scale, scratch);
       lse[n] = l;
       int64_t y = labels[n];
-      logp[n] = y == ignore_index ? 0.0f : D::load(row[y]) * scale - l;
+      logp[n] = y == ignore_index ? 0.0f
+                : (y < 0 || y >= vocab ? std::numeric_limits<float>::quiet_NaN() : D::load(row[y]) * scale - l);
     }
   });
 }

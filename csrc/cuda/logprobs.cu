@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kThreads) logprobs_forward_kernel(
     float l = acc.m + logf(acc.s);
     lse[n] = l;
     int64_t y = labels[n];
-    logp[n] = y == ignore_index ? 0.f : to_float(row[y]) * scale - l;
+    logp[n] = y == ignore_index ? 0.f : (y < 0 || y >= vocab ? NAN : to_float(row[y]) * scale - l);
   }
 }
 

@@ -46,8 +46,14 @@ def check_positive_finite(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
-def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """ValueError unless every label is in ``[0, vocab)`` or equals ``ignore_index`` (one host sync)."""
+def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int, *, kernels_guard: bool = False) -> None:
+    """ValueError unless every label is in ``[0, vocab)`` or equals ``ignore_index`` (one host sync).
+
+    ``kernels_guard``: the caller's kernels write NaN for an out-of-range label instead of reading out of
+    bounds; the check is then skipped during CUDA graph capture, where a host sync is not allowed.
+    """
+    if kernels_guard and labels.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         where = tuple(int(i) for i in bad.nonzero()[0])

@@ -158,7 +158,9 @@ def chunked_backward(grad, hidden, weight, bias, labels, lse, ignore_index, back
 def _tile_forward(hidden, weight, bias, labels, ignore_index):
     """Triton tile forward on the scored rows only (scattered back; ignored rows give logp 0, lse 0)."""
     launch = triton_kernels("linear_logprobs").linear_lse_forward
-    rows = scored_rows(labels, ignore_index) if hidden.shape[0] else None
+    # under CUDA graph capture every row goes through (selecting rows would sync); ignored rows still give 0
+    capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+    rows = scored_rows(labels, ignore_index) if hidden.shape[0] and not capturing else None
     if rows is None:
         return launch(hidden, weight, bias, labels, ignore_index)
     logp_s, lse_s = launch(hidden.index_select(0, rows), weight, bias, labels[rows], ignore_index)
@@ -179,8 +181,9 @@ def linear_logprobs_fwd(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Raw op: ``(logp [N], lse [N])`` fp32. ``backend``: auto, native, triton or cuda (torch row
     kernels on chunks when ``auto`` finds neither)."""
-    check_labels_in_range(labels, weight.shape[0], ignore_index)
     backend = resolve_backend(backend, hidden.device, "linear_logprobs")
+    # the chunked path selects scored rows with a host sync anyway; the Triton tile forward skips both under capture
+    check_labels_in_range(labels, weight.shape[0], ignore_index, kernels_guard=backend == "triton")
     if backend == "triton":
         return _tile_forward(hidden, weight, bias, labels, ignore_index)
     return chunked_forward(hidden, weight, bias, labels, ignore_index, backend, chunk_rows)
