@@ -18,7 +18,6 @@ import time
 import torch
 
 import prefkern
-from prefkern import reference
 
 from .harness import Case, peak_extra_mb, reexec_with_fixed_mmap_threshold
 

@@ -12,7 +12,7 @@ only rows with a label are computed.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
