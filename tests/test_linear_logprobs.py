@@ -163,3 +163,30 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(out_c, out_e)
     torch.testing.assert_close(x1.grad, x2.grad)
     torch.testing.assert_close(w1.grad, w2.grad)
+
+
+def test_more_than_2_pow_31_elements_native():
+    """64-bit offsets: the only scored position sits past element 2^31 of the hidden states; only scored
+    rows are read (gathered before the GEMM), so the untouched 4.3 GB stay address space."""
+    b, t, h, v = 2, 2**20 + 8, 1024, 300
+    assert b * t * h > 2**31
+    try:
+        hidden = torch.empty(b, t, h, dtype=torch.bfloat16)
+    except RuntimeError:
+        pytest.skip("cannot reserve 4.3 GB of address space")
+    g = torch.Generator().manual_seed(0)
+    row = torch.randn(h, generator=g).to(torch.bfloat16)
+    hidden[1, t - 1] = row
+    weight = (torch.randn(v, h, generator=g) * 0.05).to(torch.bfloat16).requires_grad_()
+    labels = torch.full((b, t), -100)
+    labels[1, t - 1] = 17
+    out = prefkern.linear_logprobs(hidden, weight, labels, backend="native")
+    want = reference.logprobs(row.float()[None] @ weight.detach().float().t(), torch.tensor([17]))
+    assert out[0].abs().max() == 0 and out[1, : t - 1].abs().max() == 0
+    torch.testing.assert_close(out[1, t - 1], want[0], atol=1e-4, rtol=1e-4)
+    out.sum().backward()
+    logits = row.float()[None] @ weight.detach().float().t()
+    p = torch.softmax(logits, -1)[0]
+    onehot = torch.zeros(v)
+    onehot[17] = 1
+    torch.testing.assert_close(weight.grad.float(), ((onehot - p)[:, None] * row.float()[None]), atol=1e-3, rtol=1e-2)

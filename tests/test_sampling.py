@@ -336,3 +336,25 @@ def test_triton_split_rows(kw):
     torch.testing.assert_close(lp, lp_ref, atol=2e-5, rtol=1e-5)
     if kw.get("temperature") == 0.0:
         assert int(ours[3]) == 10
+
+
+def test_more_than_2_pow_31_elements_native():
+    """64-bit row offsets: the sampled row starts past element 2^31 of the buffer (only the rows read are
+    ever touched, so the 4.3 GB stay address space)."""
+    v = 1024
+    r = 2**31 // v + 2
+    assert r * v > 2**31
+    try:
+        logits = torch.empty(r, v, dtype=torch.bfloat16)
+    except RuntimeError:
+        pytest.skip("cannot reserve 4.3 GB of address space")
+    logits[0].zero_()
+    logits[r - 1].zero_()
+    logits[r - 1, 7] = 60.0  # dominant by e^60: every draw from that row is token 7
+    logits[0, 3] = 60.0
+    rows = torch.tensor([r - 1, 0, r - 1])
+    for kw in ({}, {"top_k": 5, "top_p": 0.9}, {"min_p": 0.1}):
+        tokens, logps = prefkern.sample(logits, row_index=rows, seed=torch.tensor([1, 2, 3]), return_logprobs=True,
+                                        backend="native", **kw)
+        assert tokens.tolist() == [7, 3, 7], kw
+        assert logps.abs().max() < 1e-6, kw
