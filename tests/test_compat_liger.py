@@ -283,13 +283,13 @@ def test_eager_chunks_match_stream(kind, pairs_per_chunk, monkeypatch):
     if kind.startswith("dpo"):
         kw = dict(ref_input=data["ref_hidden"], ref_weight=data["ref_weight"], ref_bias=data["ref_bias"])
     calls = []
-    real = prefkern.eager.eager_pair_chunks
+    real = prefkern.eager.eager_chunks
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ours, "eager_pair_chunks", spy)
+    monkeypatch.setattr(ours, "eager_chunks", spy)
     monkeypatch.setitem(prefkern.eager.EAGER_TOKENS_PER_CHUNK, "cpu", 2 * T * pairs_per_chunk)
     eager = run(paired(module, data, **kw), data, grad_scale=1.7)
     assert calls, "the eager path was not taken"
@@ -299,11 +299,35 @@ def test_eager_chunks_match_stream(kind, pairs_per_chunk, monkeypatch):
     compare(eager, stream)
 
 
+@pytest.mark.parametrize("examples_per_chunk", [1, 2])
+@pytest.mark.parametrize("average_log_prob", [False, True])
+def test_kto_eager_chunks_match_stream(examples_per_chunk, average_log_prob, monkeypatch):
+    """KTO's eager path (chunks of whole examples) against its stream path, per-example kl."""
+    import prefkern.eager
+
+    n = KTO_LABELS.numel()
+    data = make_batch(rows=n, seed=5)
+    module = ours.LigerFusedLinearKTOLoss(beta=0.3, average_log_prob=average_log_prob)
+    extra = dict(preference_labels=KTO_LABELS, ref_input=data["ref_hidden"], ref_weight=data["ref_weight"],
+                 ref_bias=data["ref_bias"], kl=torch.linspace(-0.2, 0.6, n))
+    call = lambda h, w, b: module(h, w, data["target"], b, **extra)  # noqa: E731
+    calls = []
+    real = prefkern.eager.eager_chunks
+    monkeypatch.setattr(ours, "eager_chunks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setitem(prefkern.eager.EAGER_TOKENS_PER_CHUNK, "cpu", T * examples_per_chunk)
+    eager = run(call, data, grad_scale=0.6)
+    assert calls, "the eager path was not taken"
+    monkeypatch.setattr(ours, "eager_applies", lambda *a: False)
+    stream = run(call, data, grad_scale=0.6)
+    assert len(calls) == 1
+    compare(eager, stream)
+
+
 def test_eager_raises_input_errors_before_any_gemm(monkeypatch):
     """A completion with no scored token under length averaging is refused by the dry run."""
     data = make_batch()
     data["target"][1] = IGNORE
-    monkeypatch.setattr(ours, "eager_pair_chunks", lambda *a, **k: pytest.fail("GEMMs ran before the check"))
+    monkeypatch.setattr(ours, "eager_chunks", lambda *a, **k: pytest.fail("GEMMs ran before the check"))
     with pytest.raises(ValueError, match=r"target rows \[1\] have no scored token"):
         run(paired(ours.LigerFusedLinearSimPOLoss(), data), data)
 

@@ -11,6 +11,7 @@ from prefkern.losses import preference_batch
 B, T, H, V = 3, 47, 31, 123
 OPTIONS = {"robust": {"label_smoothing": 0.1}, "cdpo": {"label_smoothing": 0.1}, "exo_pair": {"label_smoothing": 1e-3}}
 STREAM_ONLY = ["aot", "aot_unpaired", "bco_pair"]
+UNPAIRED = {"kto", "apo_zero_unpaired"}  # tested on their own below
 REFERENCE_FREE = {"simpo", "simpo_hinge", "orpo", "cpo", "cpo_hinge", "cpo_ipo", "cpo_simpo", "alphapo", "slic_hf", "sft"}
 
 
@@ -50,7 +51,7 @@ def leaves(*ts):
     return [None if t is None else t.clone().requires_grad_() for t in ts]
 
 
-@pytest.mark.parametrize("loss_type", sorted(EAGER_LOSS_TYPES) + STREAM_ONLY)
+@pytest.mark.parametrize("loss_type", sorted(EAGER_LOSS_TYPES - UNPAIRED) + STREAM_ONLY)
 @pytest.mark.parametrize("mode", ["stream", "eager"])
 def test_matches_materialised_reference(loss_type, mode):
     if mode == "eager" and loss_type in STREAM_ONLY:
@@ -141,25 +142,52 @@ def test_fully_masked_sequence():
         assert torch.isfinite(kept.loss) and torch.all(x.grad[B] == 0)
 
 
-def test_kto_through_the_fused_module():
+@pytest.mark.parametrize("loss_type", sorted(UNPAIRED))
+@pytest.mark.parametrize("mode", ["stream", "eager"])
+@pytest.mark.parametrize("int_labels", [False, True])
+def test_kto_through_the_fused_module(loss_type, mode, int_labels):
+    """KTO (with a mismatched KL batch) and APO-zero unpaired, eager in one-example chunks or streamed,
+    against the catalog on materialised logits: loss, per-example losses, metrics and every gradient."""
     hidden, weight, bias, ref_hidden, labels = inputs()
     kto_labels = torch.tensor([True, False, True, True, False, False])
+    if int_labels:
+        kto_labels = kto_labels.long()
     kl_hidden, kl_ref = hidden.roll(1, 0), ref_hidden.roll(1, 0)
-    x = hidden.clone().requires_grad_()
-    out = prefkern.FusedLinearPreferenceLoss("kto")(x, weight, labels, bias, ref_hidden=ref_hidden, kto_labels=kto_labels,
-                                                   kl_hidden=kl_hidden, kl_labels=labels, ref_kl_hidden=kl_ref)
-    out.loss.backward()
+    x, w, b = leaves(hidden, weight, bias)
+    module = prefkern.FusedLinearPreferenceLoss(loss_type, mode=mode, memory_budget=T * V * 4)
+    out = module(x, w, labels, b, ref_hidden=ref_hidden, kto_labels=kto_labels, kl_hidden=kl_hidden, kl_labels=labels,
+                 ref_kl_hidden=kl_ref)
+    ours = grads(out, x, w, b)
     mask = labels != -100
 
-    def seq(hh):
-        return (reference.linear_logprobs(hh.reshape(-1, H), weight, labels.reshape(-1), bias).reshape(2 * B, T) * mask).sum(-1)
+    def seq(hh, ww, bb):
+        return (reference.linear_logprobs(hh.reshape(-1, H), ww, labels.reshape(-1), bb).reshape(2 * B, T) * mask).sum(-1)
 
-    x2 = hidden.clone().requires_grad_()
-    expect = prefkern.kto_loss(seq(x2), seq(ref_hidden), kto_labels, kl_policy_logps=seq(kl_hidden).detach(),
-                               kl_ref_logps=seq(kl_ref))
-    expect.loss.backward()
-    torch.testing.assert_close(out.loss, expect.loss)
-    torch.testing.assert_close(x.grad, x2.grad, atol=1e-6, rtol=1e-4)
+    x2, w2, b2 = leaves(hidden, weight, bias)
+    kl = {}
+    if loss_type == "kto":
+        kl = dict(kl_policy_logps=seq(kl_hidden, weight, bias).detach(), kl_ref_logps=seq(kl_ref, weight, bias))
+    expect = prefkern.preference_loss(loss_type, policy_logps=seq(x2, w2, b2), ref_logps=seq(ref_hidden, weight, bias),
+                                      labels=kto_labels, **kl)
+    theirs = grads(expect, x2, w2, b2)
+    torch.testing.assert_close(out.loss, expect.loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.losses, expect.losses, atol=1e-6, rtol=1e-5)
+    assert out.metrics.keys() == expect.metrics.keys()
+    for k in expect.metrics:
+        torch.testing.assert_close(out.metrics[k], expect.metrics[k], atol=1e-5, rtol=1e-4, msg=k)
+    for name, a, e in zip(("hidden", "weight", "bias"), ours, theirs):
+        torch.testing.assert_close(a, e, atol=1e-5 * e.abs().max().item() + 1e-7, rtol=1e-4, msg=name)
+
+
+def test_kto_eager_raises_input_errors_before_any_gemm(monkeypatch):
+    import prefkern.fused_loss as fused
+
+    hidden, weight, bias, ref_hidden, labels = inputs()
+    monkeypatch.setattr(fused, "eager_chunks", lambda *a, **k: pytest.fail("GEMMs ran before the check"))
+    module = prefkern.FusedLinearPreferenceLoss("kto", mode="eager")
+    with pytest.raises(ValueError, match="kl_policy_logps"):
+        module(hidden.clone().requires_grad_(), weight, labels, bias, ref_hidden=ref_hidden,
+               kto_labels=torch.ones(2 * B, dtype=torch.bool))
 
 
 def test_salt_token_weights():

@@ -5,7 +5,8 @@ The logits ``[2B, T, V]`` never exist. Two modes (DESIGN.md section 4):
 - ``stream``: token log-probs through :func:`prefkern.linear_logprobs` (online log-sum-exp forward,
   recomputing backward), then the catalog loss in plain torch. Works for every loss type. Cost:
   4 matmul units for the policy; extra memory one chunk (CPU) or O(N) (Triton tiles).
-- ``eager``: for losses that decompose per pair, chunks of whole pairs are pushed through the GEMM
+- ``eager``: for losses that decompose per pair (KTO: per example), chunks of whole pairs (examples)
+  are pushed through the GEMM
   once; the chunk's loss gradient is taken at once and the logit gradient written in place over
   the chunk's logits, followed by the dX and dW GEMMs -- all inside forward, so backward only
   scales the stored gradients. Cost: 3 matmul units; extra memory one pair chunk of fp32 logits.
@@ -23,18 +24,19 @@ import torch
 from torch import nn
 
 from ._validation import check_tensor
-from .eager import default_memory_budget, eager_applies, eager_pair_chunks, pair_fits, with_gradients
+from .eager import default_memory_budget, eager_applies, eager_chunks, pair_fits, with_gradients
 from .losses import PreferenceBatch, PreferenceLossOutput, preference_batch
 from .losses.registry import LOSS_REGISTRY
 from .ops.linear_logprobs import linear_logprobs, shift_labels
 
 # Losses whose batch value is a mean over pairs of per-pair terms (plus a token-mean NLL), so that
-# a chunk of pairs gives its exact share of the gradient. aot* sort across the batch and bco_pair
-# keeps a running mean: they stream.
+# a chunk of pairs gives its exact share of the gradient; KTO's is a mean over examples once its KL
+# reference point (from a separate batch, without gradient) is known. aot* sort across the batch and
+# bco_pair keeps a running mean: they stream.
 EAGER_LOSS_TYPES = frozenset({
     "sigmoid", "dpo", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "sppo_hard", "apo_zero", "apo_down",
     "discopop", "sft", "sigmoid_norm", "cdpo", "rpo", "simpo", "simpo_hinge", "orpo", "cpo", "cpo_hinge",
-    "cpo_ipo", "cpo_simpo", "alphapo", "ipo_paper", "slic_hf",
+    "cpo_ipo", "cpo_simpo", "alphapo", "ipo_paper", "slic_hf", "kto", "apo_zero_unpaired",
 })
 def _family(loss_type: str) -> Callable[..., PreferenceLossOutput]:
     if loss_type == "rpo":
@@ -250,13 +252,14 @@ class FusedLinearPreferenceLoss(nn.Module):
         raise ValueError(f"ref_logps must have shape [2B] = [{b2}] (per sequence) or [2B, T] = "
                          f"{list(labels.shape)} (per token), got {tuple(ref_logps.shape)}")
 
-    def _use_eager(self, hidden, weight, bias) -> bool:
+    def _use_eager(self, hidden, weight, bias, rows_per_unit: int = 2) -> bool:
         if (self.mode == "stream" or self.loss_type not in EAGER_LOSS_TYPES or self.empty_completions == "drop"
                 or self._tensor_options):
             return False
         if not eager_applies(hidden, weight, bias, self.backend, "FusedLinearPreferenceLoss"):
             return False
-        return self.mode == "eager" or pair_fits(hidden.shape[1], weight.shape[0], self.memory_budget, hidden.device)
+        return self.mode == "eager" or pair_fits(hidden.shape[1], weight.shape[0], self.memory_budget, hidden.device,
+                                                 rows_per_unit)
 
     # ---- eager: gradients inside forward ------------------------------------------------------------
 
@@ -272,7 +275,7 @@ class FusedLinearPreferenceLoss(nn.Module):
             chunk_nll = -(leaf[:c] * mask[rows][:c]).sum() / total_chosen * (b / c)
             return self._paired_loss(replace(batch, chosen_nll=chunk_nll)).loss * (c / b)
 
-        token_logps, grads = eager_pair_chunks(hidden, weight, bias, labels, self.ignore_index, chunk_share,
+        token_logps, grads = eager_chunks(hidden, weight, bias, labels, self.ignore_index, chunk_share,
                                                backend=self.backend, memory_budget=self.memory_budget)
         out = self._paired_loss(self._batch(token_logps, mask, ref_seq, ref_tokens))
         return replace(out, loss=with_gradients(out.loss, hidden, weight, bias, grads))
@@ -300,7 +303,6 @@ class FusedLinearPreferenceLoss(nn.Module):
         rw = ref_weight if ref_weight is not None else weight
         rb = ref_bias if ref_weight is not None else bias
         mask = labels != self.ignore_index
-        policy = (self._logps(hidden, weight, labels, bias) * mask).sum(-1)
         with torch.no_grad():
             if ref_hidden is not None:
                 ref = (self._logps(ref_hidden, rw, labels, rb) * mask).sum(-1)
@@ -322,7 +324,26 @@ class FusedLinearPreferenceLoss(nn.Module):
                     kl_kwargs["kl_ref_logps"] = ref_kl_logps.detach().float()
                 else:
                     raise ValueError("kl_hidden needs ref_kl_hidden or ref_kl_logps")
-        return self.family(policy, ref, kto_labels, **kl_kwargs, **self.loss_kwargs)
+        if not self._use_eager(hidden, weight, bias, rows_per_unit=1):
+            policy = (self._logps(hidden, weight, labels, bias) * mask).sum(-1)
+            return self.family(policy, ref, kto_labels, **kl_kwargs, **self.loss_kwargs)
+        # eager: a dry run on placeholder log-probs raises input errors before any GEMM and gives z0, the KL
+        # reference point every chunk shares; the loss is then a mean of per-example terms
+        quiet = {**self.loss_kwargs, "warn_imbalance": False}
+        with torch.no_grad():
+            z0 = self.family(torch.zeros_like(ref), ref, kto_labels, **kl_kwargs, **quiet).metrics["kl"]
+        chunk_kwargs = {**quiet, "kl": z0}
+        desirable = kto_labels if kto_labels.dtype == torch.bool else kto_labels != 0
+        n = hidden.shape[0]
+
+        def chunk_share(leaf, rows, s, e):
+            policy = (leaf * mask[rows]).sum(-1)
+            return self.family(policy, ref[rows], desirable[rows], **chunk_kwargs).loss * ((e - s) / n)
+
+        token_logps, grads = eager_chunks(hidden, weight, bias, labels, self.ignore_index, chunk_share, paired=False,
+                                          backend=self.backend, memory_budget=self.memory_budget)
+        out = self.family((token_logps * mask).sum(-1), ref, kto_labels, **kl_kwargs, **self.loss_kwargs)
+        return replace(out, loss=with_gradients(out.loss, hidden, weight, bias, grads))
 
 
 def matmul_units(mode: str, with_reference: bool) -> int:

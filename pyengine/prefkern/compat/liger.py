@@ -48,12 +48,12 @@ Where prefkern differs (on purpose)
   chunk against all of ``kl``. A scalar ``kl`` gives the same result in both.
 * ``beta`` must be > 0 for DPO, CPO and SimPO, and ``label_smoothing`` lie in [0, 1] for CPO and SimPO
   (checked at construction; Liger accepts any number).
-* Cost: the paired losses (DPO, ORPO, CPO, SimPO) take :mod:`prefkern.eager`'s path when a gradient is
-  wanted: chunks of whole pairs through the lm-head once, the loss gradient taken per chunk and the dX /
-  dW GEMMs inside forward (3 matmul units for a trained step, as Liger) holding one chunk of fp32 logits,
-  sized by tokens rather than ``chunk_size``. DPO's ``bco_pair`` (a running mean across the batch), ORPO
-  with an ``nll_target``, float64 inputs and KTO stream through :func:`prefkern.linear_logprobs`
-  (forward, recompute, dX, dW: 4 units, one chunk of logits at a time). The reference pass is 1 unit.
+* Cost: every class takes :mod:`prefkern.eager`'s path when a gradient is wanted: chunks of whole pairs
+  (KTO: whole examples) through the lm-head once, the loss gradient taken per chunk and the dX / dW GEMMs
+  inside forward (3 matmul units for a trained step, as Liger) holding one chunk of fp32 logits, sized by
+  tokens rather than ``chunk_size``. DPO's ``bco_pair`` (a running mean across the batch), ORPO with an
+  ``nll_target`` and float64 inputs stream through :func:`prefkern.linear_logprobs` (forward,
+  recompute, dX, dW: 4 units, one chunk of logits at a time). The reference pass is 1 unit.
   ``backward`` of an eager loss runs once (its stored gradients are scaled in place).
 * Liger 0.8.5 has no precomputed reference log-probs in these classes, so neither does this module
   (use :class:`prefkern.FusedLinearPreferenceLoss` with ``ref_logps=...`` for that).
@@ -69,7 +69,7 @@ import torch
 from torch import nn
 
 from ..losses import chosen_nll, cpo_loss, dpo_loss, orpo_loss, sequence_lengths, sequence_logps, simpo_loss
-from ..eager import eager_applies, eager_pair_chunks, pair_fits, with_gradients
+from ..eager import eager_applies, eager_chunks, pair_fits, with_gradients
 from ..ops.linear_logprobs import linear_logprobs
 
 __all__ = [
@@ -313,7 +313,7 @@ class _PairedPass:
             pairs = _Pairs(leaf, self.mask[rows], s, e, self.b, self.chosen_tokens, check=False)
             return objective(pairs)[0] * ((e - s) / self.b)
 
-        tok, grads = eager_pair_chunks(h, w, bias, self.target, self.ignore_index, chunk_share, op="compat.liger")
+        tok, grads = eager_chunks(h, w, bias, self.target, self.ignore_index, chunk_share, op="compat.liger")
         loss, extra = objective(self._whole(tok))
         return with_gradients(loss, h, w, bias, grads), extra
 
@@ -882,22 +882,37 @@ class LigerFusedLinearKTOLoss(nn.Module):
         hidden, weight, target = _check_inputs(_input, lin_weight, target, bias, paired=False)
         n = hidden.shape[0]
         labels = _preference_labels(preference_labels, n, hidden.device)
-        tok = _token_logps(hidden, weight, target, bias, self.ignore_index)
         mask = target != self.ignore_index
         if self.average_log_prob:
             _check_scored(mask, "average_log_prob=True")
-        logps = sequence_logps(tok, mask, average=self.average_log_prob)
+        ref = None
         if self.use_ref_model:
             ref = _reference_logps(ref_input, ref_weight, ref_bias, weight, bias, target, mask, self.ignore_index,
                                    self.average_log_prob)
-            logratios = logps - ref
+        compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        z0 = _kl_reference(kl, n, hidden.new_empty((), dtype=compute))
+
+        def examples(tok: torch.Tensor, rows) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """(losses, logps, log-ratios) of the examples ``rows`` from their token log-probs ``tok``."""
+            logps = sequence_logps(tok, mask[rows], average=self.average_log_prob)
+            logratios = logps if ref is None else logps - ref[rows]
+            margin = logratios if z0 is None else logratios - (z0 if z0.dim() == 0 else z0[rows])
+            sign = torch.where(labels[rows], 1.0, -1.0).to(logps.dtype)
+            return 1.0 - torch.sigmoid(self.beta * margin * sign), logps, logratios
+
+        grads = None
+        if eager_applies(hidden, weight, bias, "auto", "compat.liger") and \
+                pair_fits(hidden.shape[1], weight.shape[0], None, hidden.device, rows=1):
+            # the loss is a sum over examples / n: chunks of whole examples take their gradient in forward
+            tok, grads = eager_chunks(hidden, weight, bias, target, self.ignore_index,
+                                      lambda leaf, rows, s, e: examples(leaf, rows)[0].sum() / n, paired=False,
+                                      op="compat.liger")
         else:
-            logratios = logps
-        z0 = _kl_reference(kl, n, logps)
-        sign = torch.where(labels, 1.0, -1.0).to(logps.dtype)
-        margin = logratios if z0 is None else logratios - z0
-        losses = 1.0 - torch.sigmoid(self.beta * margin * sign)
+            tok = _token_logps(hidden, weight, target, bias, self.ignore_index)
+        losses, logps, logratios = examples(tok, slice(None))
         loss = losses.sum() / n
+        if grads is not None:
+            loss = with_gradients(loss, hidden, weight, bias, grads)
         rewards = self.beta * logratios.detach()
         zero = logps.new_zeros(())
         logit_sums = _row_logit_sums(hidden, weight, bias)
