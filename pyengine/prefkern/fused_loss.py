@@ -6,10 +6,10 @@ The logits ``[2B, T, V]`` never exist. Two modes (DESIGN.md section 4):
   recomputing backward), then the catalog loss in plain torch. Works for every loss type. Cost:
   4 matmul units for the policy; extra memory one chunk (CPU) or O(N) (Triton tiles).
 - ``eager``: for losses that decompose per pair (KTO: per example), chunks of whole pairs (examples)
-  are pushed through the GEMM
-  once; the chunk's loss gradient is taken at once and the logit gradient written in place over
-  the chunk's logits, followed by the dX and dW GEMMs -- all inside forward, so backward only
-  scales the stored gradients. Cost: 3 matmul units; extra memory one pair chunk of fp32 logits.
+  are pushed through the GEMM once; the chunk's loss gradient is taken at once and the logit gradient
+  written in place over the chunk's logits, followed by the dX and dW GEMMs -- all inside forward, so
+  backward only scales the stored gradients (:mod:`prefkern.eager`). Cost: 3 matmul units; extra
+  memory one chunk of fp32 logits.
 
 ``mode="auto"`` takes eager when the loss allows it and one chunk fits ``memory_budget``.
 """
