@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/dtype.cuh"
+#include "cuda/row_loads.cuh"
 
 namespace prefkern::cuda {
 namespace {
@@ -36,16 +37,16 @@ __global__ void __launch_bounds__(kThreads) logprobs_forward_kernel(
   const int64_t n = blockIdx.x;
   const T* row = logits + n * row_stride;
   MaxSum acc{-INFINITY, 0.f};
-  for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
-    float z = to_float(row[v]) * scale;
-    if (z == -INFINITY) continue;  // exp(-inf - -inf) would be NaN while the running max is still -inf
+  for_row<kThreads>(row, vocab, [&](int64_t, float x) {
+    float z = x * scale;
+    if (z == -INFINITY) return;  // exp(-inf - -inf) would be NaN while the running max is still -inf
     if (z > acc.m) {
       acc.s = acc.s * __expf(acc.m - z) + 1.f;
       acc.m = z;
     } else {
       acc.s += __expf(z - acc.m);
     }
-  }
+  });
   acc = block_merge(acc);
   if (threadIdx.x == 0) {
     float l = acc.m + logf(acc.s);

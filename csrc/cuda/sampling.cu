@@ -8,6 +8,7 @@
 
 #include "cpu/sampling_rng.h"
 #include "cuda/dtype.cuh"
+#include "cuda/row_loads.cuh"
 
 namespace prefkern::cuda {
 namespace {
@@ -67,39 +68,6 @@ __device__ Best block_best(Best b, Best* smem) {
   return acc;
 }
 
-// Calls f(v, x) for this thread's elements of the row, v increasing: 16-byte loads when the row is
-// 16-byte aligned (8 bf16/f16 or 4 fp32 per load), then the scalar tail.
-// Calls f(v, x) for this thread's elements of the row, v increasing: 16-byte loads (8 bf16/f16 or 4
-// fp32), kUnroll of them in flight per thread, when the row is 16-byte aligned; then the scalar tail.
-template <class T, class F>
-__device__ __forceinline__ void for_row(const T* __restrict__ row, int64_t vocab, F&& f) {
-  constexpr int kVec = 16 / sizeof(T);
-  constexpr int kUnroll = 4;
-  int64_t start = 0;
-  if ((reinterpret_cast<uintptr_t>(row) & 15) == 0) {
-    const int64_t nvec = vocab / kVec;
-    const uint4* rv = reinterpret_cast<const uint4*>(row);
-    for (int64_t i0 = threadIdx.x; i0 < nvec; i0 += int64_t(kThreads) * kUnroll) {
-      uint4 pack[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        int64_t i = i0 + int64_t(u) * kThreads;
-        if (i < nvec) pack[u] = __ldg(rv + i);
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        int64_t i = i0 + int64_t(u) * kThreads;
-        if (i >= nvec) break;
-        const T* e = reinterpret_cast<const T*>(&pack[u]);
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) f(i * kVec + j, to_float(e[j]));
-      }
-    }
-    start = nvec * kVec;
-  }
-  for (int64_t v = start + threadIdx.x; v < vocab; v += kThreads) f(v, to_float(row[v]));
-}
-
 __device__ __forceinline__ float gumbel(uint32_t key, uint32_t column) {
   return -__logf(-__logf(sampling_uniform(key, column)));
 }
@@ -118,7 +86,7 @@ __device__ float search(const T* row, int64_t vocab, float inv_t, float m, float
     float g[kPivots + 1], a[kPivots + 1], b[kPivots + 1];
 #pragma unroll
     for (int j = 0; j <= kPivots; ++j) g[j] = 0.f, a[j] = INFINITY, b[j] = -INFINITY;
-    for_row(row, vocab, [&](int64_t, float x) {
+    for_row<kThreads>(row, vocab, [&](int64_t, float x) {
       float z = x * inv_t;
       if (!(z >= lo)) return;
       float w = MASS ? __expf(z - m) : 1.f;
@@ -172,7 +140,7 @@ __global__ void __launch_bounds__(kThreads, FILTERED ? 1 : 2) sample_kernel(
   float st[3] = {-INFINITY, INFINITY, 0.f};  // max, min finite, bad
   float s = 0.f, m_run = -INFINITY;
   Best best{-INFINITY, -1, 0.f};
-  for_row(row, vocab, [&](int64_t v, float x) {
+  for_row<kThreads>(row, vocab, [&](int64_t v, float x) {
     float z = x * inv_t;
     st[2] = z < INFINITY ? st[2] : 1.f;
     st[0] = fmaxf(st[0], z);
@@ -215,7 +183,7 @@ __global__ void __launch_bounds__(kThreads, FILTERED ? 1 : 2) sample_kernel(
   if (use_k) t = fmaxf(t, search<T, false>(row, vocab, inv_t, m, t, m, float(k), false, smem));
   if (use_p) t = fmaxf(t, search<T, true>(row, vocab, inv_t, m, t, m, p, true, smem));
   float sum[1] = {0.f};
-  for_row(row, vocab, [&](int64_t v, float x) {
+  for_row<kThreads>(row, vocab, [&](int64_t v, float x) {
     float z = x * inv_t;
     if (!(z >= t)) return;
     sum[0] += __expf(z - m);
