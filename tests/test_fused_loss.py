@@ -47,6 +47,19 @@ def grads(out, *params):
     return [None if p is None else p.grad.clone() for p in params]
 
 
+def assert_same_output(out, our_grads, expect, their_grads):
+    """Loss, per-example losses, rewards, metrics and the (hidden, weight, bias) gradients, fp32 tolerances."""
+    torch.testing.assert_close(out.loss, expect.loss, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.losses, expect.losses, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.chosen_rewards, expect.chosen_rewards, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.rejected_rewards, expect.rejected_rewards, atol=1e-5, rtol=1e-5)
+    assert out.metrics.keys() == expect.metrics.keys()
+    for k in expect.metrics:
+        torch.testing.assert_close(out.metrics[k], expect.metrics[k], atol=1e-5, rtol=1e-4, msg=k)
+    for name, a, e in zip(("hidden", "weight", "bias"), our_grads, their_grads):
+        torch.testing.assert_close(a, e, atol=1e-5 * e.abs().max().item() + 1e-7, rtol=1e-4, msg=name)
+
+
 def leaves(*ts):
     return [None if t is None else t.clone().requires_grad_() for t in ts]
 
@@ -65,16 +78,7 @@ def test_matches_materialised_reference(loss_type, mode):
     ours = grads(out, x, w, b)
     x2, w2, b2 = leaves(hidden, weight, bias)
     expect = materialised(loss_type, x2, w2, b2, ref_hidden, labels, **kw)
-    theirs = grads(expect, x2, w2, b2)
-    torch.testing.assert_close(out.loss, expect.loss, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(out.losses, expect.losses, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(out.chosen_rewards, expect.chosen_rewards, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out.rejected_rewards, expect.rejected_rewards, atol=1e-5, rtol=1e-5)
-    assert out.metrics.keys() == expect.metrics.keys()
-    for k in expect.metrics:
-        torch.testing.assert_close(out.metrics[k], expect.metrics[k], atol=1e-5, rtol=1e-4, msg=k)
-    for name, a, e in zip(("hidden", "weight", "bias"), ours, theirs):
-        torch.testing.assert_close(a, e, atol=1e-5 * e.abs().max().item() + 1e-7, rtol=1e-4, msg=name)
+    assert_same_output(out, ours, expect, grads(expect, x2, w2, b2))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -169,14 +173,7 @@ def test_kto_through_the_fused_module(loss_type, mode, int_labels):
         kl = dict(kl_policy_logps=seq(kl_hidden, weight, bias).detach(), kl_ref_logps=seq(kl_ref, weight, bias))
     expect = prefkern.preference_loss(loss_type, policy_logps=seq(x2, w2, b2), ref_logps=seq(ref_hidden, weight, bias),
                                       labels=kto_labels, **kl)
-    theirs = grads(expect, x2, w2, b2)
-    torch.testing.assert_close(out.loss, expect.loss, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(out.losses, expect.losses, atol=1e-6, rtol=1e-5)
-    assert out.metrics.keys() == expect.metrics.keys()
-    for k in expect.metrics:
-        torch.testing.assert_close(out.metrics[k], expect.metrics[k], atol=1e-5, rtol=1e-4, msg=k)
-    for name, a, e in zip(("hidden", "weight", "bias"), ours, theirs):
-        torch.testing.assert_close(a, e, atol=1e-5 * e.abs().max().item() + 1e-7, rtol=1e-4, msg=name)
+    assert_same_output(out, ours, expect, grads(expect, x2, w2, b2))
 
 
 def test_kto_eager_raises_input_errors_before_any_gemm(monkeypatch):
