@@ -276,7 +276,7 @@ class FusedLinearPreferenceLoss(nn.Module):
             return self._paired_loss(replace(batch, chosen_nll=chunk_nll)).loss * (c / b)
 
         token_logps, grads = eager_chunks(hidden, weight, bias, labels, self.ignore_index, chunk_share,
-                                               backend=self.backend, memory_budget=self.memory_budget)
+                                          backend=self.backend, memory_budget=self.memory_budget)
         out = self._paired_loss(self._batch(token_logps, mask, ref_seq, ref_tokens))
         return replace(out, loss=with_gradients(out.loss, hidden, weight, bias, grads))
 
