@@ -235,3 +235,14 @@ def test_torch_compile_module():
     b.loss.backward()
     torch.testing.assert_close(a.loss, b.loss)
     torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_eager_loss_backpropagates_once():
+    """The eager gradients are computed in forward and scaled in place by backward: a second backward
+    would scale them again, so it raises instead of returning wrong gradients."""
+    hidden, weight, bias, ref_hidden, labels = inputs()
+    x = hidden.clone().requires_grad_()
+    out = prefkern.FusedLinearPreferenceLoss("sigmoid", mode="eager")(x, weight, labels, bias, ref_hidden=ref_hidden)
+    (2 * out.loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated already"):
+        out.loss.backward()

@@ -66,8 +66,9 @@ class _EagerGradients(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.grads is None:
-            raise RuntimeError("the eager loss has been backpropagated already (its gradients are scaled in "
-                               "place); use mode='stream' to backpropagate the same graph twice")
+            raise RuntimeError("the eager loss has been backpropagated already (its gradients, computed in forward, "
+                               "are scaled in place); FusedLinearPreferenceLoss(mode='stream') builds a graph that "
+                               "can be backpropagated twice")
         gh, gw, gb = ctx.grads
         ctx.grads = None
         # scaled in place: the gradients belong to this node alone, and a copy of dW would double its memory
