@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import finish
-from ._validation import check_finite, check_number, check_tensor, compute_dtype, scalar_input
+from .._validation import check_finite, check_number, check_floating, compute_dtype, scalar_input
 from .dpo import dpo_loss
 from .outputs import PreferenceLossOutput
 from .reductions import _check_token_inputs
@@ -42,9 +42,9 @@ def distillation_kl(
     torch.Tensor
         0-d mean over the batch of the per-sequence KL (float32, or float64).
     """
-    t = check_number(temperature, "temperature", low=0.0, low_open=True)
-    teacher_logits = check_tensor(teacher_logits, "teacher_logits")
-    student_logits = check_tensor(student_logits, "student_logits")
+    t = check_number("temperature", temperature, low=0.0, low_open=True)
+    teacher_logits = check_floating("teacher_logits", teacher_logits)
+    student_logits = check_floating("student_logits", student_logits)
     if teacher_logits.dim() != 3 or student_logits.shape != teacher_logits.shape:
         raise ValueError(f"teacher_logits and student_logits must both be [B, T, V]; got "
                          f"{tuple(teacher_logits.shape)} and {tuple(student_logits.shape)}")
@@ -52,8 +52,8 @@ def distillation_kl(
     dt = compute_dtype(teacher_logits, student_logits)
     lt = F.log_softmax(teacher_logits.detach().to(dt) / t, dim=-1)
     ls = F.log_softmax(student_logits.to(dt) / t, dim=-1)
-    check_finite(lt, "teacher_logits", where=m)
-    check_finite(ls, "student_logits", where=m)
+    check_finite("teacher_logits", lt, where=m)
+    check_finite("student_logits", ls, where=m)
     kl_tok = (lt.exp() * (lt - ls)).sum(-1)
     kl_seq = torch.where(m, kl_tok, torch.zeros((), dtype=dt, device=kl_tok.device)).sum(1)
     if average:
@@ -84,16 +84,16 @@ def c3po_constraint(nll: torch.Tensor, kl: Optional[torch.Tensor] = None, *, kd_
     torch.Tensor
         0-d constraint loss.
     """
-    k = check_number(kd_lambda, "kd_lambda", low=0.0, high=1.0)
-    t = check_number(temperature, "temperature", low=0.0, low_open=True)
-    nll = check_tensor(nll, "nll")
+    k = check_number("kd_lambda", kd_lambda, low=0.0, high=1.0)
+    t = check_number("temperature", temperature, low=0.0, low_open=True)
+    nll = check_floating("nll", nll)
     ref = nll.to(compute_dtype(nll))
-    nll = scalar_input(nll, "nll", ref)
+    nll = scalar_input("nll", nll, ref)
     if k == 0.0:
         return nll
     if kl is None:
         raise ValueError("kd_lambda > 0 needs kl (0-d distillation KL, see distillation_kl)")
-    kl = scalar_input(kl, "kl", ref)
+    kl = scalar_input("kl", kl, ref)
     return (1.0 - k) * nll + k * t * t * kl
 
 
@@ -145,8 +145,8 @@ def c3po_loss(
         loss); DPO rewards and metrics plus ``loss/dpo``, ``loss/out_of_scope``,
         ``loss/near_scope``.
     """
-    l1 = check_number(out_of_scope_weight, "out_of_scope_weight", low=0.0)
-    l2 = check_number(near_scope_weight, "near_scope_weight", low=0.0)
+    l1 = check_number("out_of_scope_weight", out_of_scope_weight, low=0.0)
+    l2 = check_number("near_scope_weight", near_scope_weight, low=0.0)
     dpo = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                    loss_type="sigmoid", beta=beta)
     c_out = c3po_constraint(out_of_scope_nll, out_of_scope_kl, kd_lambda=kd_lambda, temperature=temperature)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ._common import finish, pair_metrics, smoothed_sigmoid_loss
-from ._validation import check_number, check_positive_lengths, lengths_input, scalar_input, sequence_inputs
+from .._validation import check_number, check_positive_lengths, lengths_input, scalar_input, sequence_inputs
 from .outputs import PreferenceLossOutput
 
 __all__ = ["CPO_LOSS_TYPES", "cpo_loss"]
@@ -73,11 +73,11 @@ def cpo_loss(
         raise ValueError(f"unknown CPO loss_type {loss_type!r}; expected one of {CPO_LOSS_TYPES}")
     if loss_type == "alphapo":
         loss_type, cpo_alpha = "simpo", 0.0
-    beta = check_number(beta, "beta", low=0.0, low_open=True)
-    eps = check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0)
-    cpo_alpha = check_number(cpo_alpha, "cpo_alpha")
-    gamma = check_number(simpo_gamma, "simpo_gamma")
-    alpha = check_number(alpha, "alpha")
+    beta = check_number("beta", beta, low=0.0, low_open=True)
+    eps = check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    cpo_alpha = check_number("cpo_alpha", cpo_alpha)
+    gamma = check_number("simpo_gamma", simpo_gamma)
+    alpha = check_number("alpha", alpha)
     if eps > 0 and loss_type in ("hinge", "ipo"):
         warnings.warn(f"label_smoothing is ignored for CPO loss_type={loss_type!r}", stacklevel=2)
     pc, pr = sequence_inputs([("policy_chosen_logps", policy_chosen_logps),
@@ -85,10 +85,10 @@ def cpo_loss(
     if loss_type in ("ipo", "simpo"):
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError(f"CPO loss_type={loss_type!r} averages log-probs: pass chosen_lengths and rejected_lengths")
-        lc = lengths_input(chosen_lengths, "chosen_lengths", pc)
-        lr = lengths_input(rejected_lengths, "rejected_lengths", pc)
-        check_positive_lengths(lc, "chosen_lengths", f"CPO {loss_type}")
-        check_positive_lengths(lr, "rejected_lengths", f"CPO {loss_type}")
+        lc = lengths_input("chosen_lengths", chosen_lengths, pc)
+        lr = lengths_input("rejected_lengths", rejected_lengths, pc)
+        check_positive_lengths("chosen_lengths", lc, f"CPO {loss_type}")
+        check_positive_lengths("rejected_lengths", lr, f"CPO {loss_type}")
         sc, sr = pc / lc, pr / lr
     else:
         sc, sr = pc, pr
@@ -111,7 +111,7 @@ def cpo_loss(
     if cpo_alpha != 0.0:
         if chosen_nll is None:
             raise ValueError("cpo_alpha != 0 needs chosen_nll (0-d token-mean NLL); pass cpo_alpha=0.0 to drop it")
-        nll = scalar_input(chosen_nll, "chosen_nll", pc)
+        nll = scalar_input("chosen_nll", chosen_nll, pc)
         losses = losses + cpo_alpha * nll
         metrics["nll_loss"] = nll.detach()
     return finish(f"cpo_loss({loss_type})", losses.mean(), losses, chosen_rewards, rejected_rewards, metrics)

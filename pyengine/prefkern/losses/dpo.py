@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import finish, logsig, normalize_loss_types, pair_metrics, parse_trl_version, smoothed_sigmoid_loss
-from ._validation import check_number, lengths_input, scalar_input, sequence_inputs
+from .._validation import check_number, lengths_input, scalar_input, sequence_inputs
 from .outputs import PreferenceLossOutput
 
 __all__ = ["DPO_LOSS_TYPES", "F_DIVERGENCE_TYPES", "BCORunningMean", "dpo_loss", "f_divergence_scores"]
@@ -240,16 +240,16 @@ def dpo_loss(
     else:
         if not isinstance(loss_weights, (list, tuple)) or len(loss_weights) != len(types):
             raise ValueError(f"loss_weights must be a list with one weight per loss_type entry ({len(types)})")
-        weights = [check_number(w, "loss_weights[i]") for w in loss_weights]
-    beta = check_number(beta, "beta", low=0.0, low_open=True)
-    eps = check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0)
-    tau = check_number(discopop_tau, "discopop_tau", low=0.0, low_open=True)
+        weights = [check_number("loss_weights[i]", w) for w in loss_weights]
+    beta = check_number("beta", beta, low=0.0, low_open=True)
+    eps = check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    tau = check_number("discopop_tau", discopop_tau, low=0.0, low_open=True)
     if f_divergence_type not in F_DIVERGENCE_TYPES:
         raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; expected one of {F_DIVERGENCE_TYPES}")
     if f_alpha_divergence_coef is None:
         f_alpha = 0.5 if current else 1.0
     else:
-        f_alpha = check_number(f_alpha_divergence_coef, "f_alpha_divergence_coef")
+        f_alpha = check_number("f_alpha_divergence_coef", f_alpha_divergence_coef)
 
     only_sft = all(t == "sft" for t in types)
     if ref_chosen_logps is None or ref_rejected_logps is None:
@@ -282,8 +282,8 @@ def dpo_loss(
     if chosen_lengths is not None or rejected_lengths is not None:
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError("pass both chosen_lengths and rejected_lengths, or neither")
-        lc = lengths_input(chosen_lengths, "chosen_lengths", pc)
-        lr = lengths_input(rejected_lengths, "rejected_lengths", pc)
+        lc = lengths_input("chosen_lengths", chosen_lengths, pc)
+        lr = lengths_input("rejected_lengths", rejected_lengths, pc)
     if any(t in ("ipo", "sigmoid_norm") for t in types) and lc is None:
         raise ValueError("loss_type 'ipo'/'sigmoid_norm' needs chosen_lengths and rejected_lengths ([B] token counts)")
     nll = None
@@ -291,7 +291,7 @@ def dpo_loss(
     if needs_nll:
         if chosen_nll is None:
             raise ValueError("loss_type 'sft' / rpo_alpha need chosen_nll (0-d token-mean NLL, see chosen_nll())")
-        nll = scalar_input(chosen_nll, "chosen_nll", pc)
+        nll = scalar_input("chosen_nll", chosen_nll, pc)
     if "robust" in types and not (0.0 <= eps < 0.5):
         raise ValueError(f"label_smoothing must be in [0, 0.5) for 'robust' (it divides by 1 - 2*eps), got {eps}")
 
@@ -309,7 +309,7 @@ def dpo_loss(
     if bco_running_mean is None and "bco_pair" in types:
         raise ValueError("legacy (<=0.28) bco_pair needs bco_running_mean=BCORunningMean() (explicit running state)")
     if rpo_alpha is not None:
-        check_number(rpo_alpha, "rpo_alpha")
+        check_number("rpo_alpha", rpo_alpha)
     return _dpo_legacy(rpo_alpha=rpo_alpha, reference_free=reference_free, bco=bco_running_mean, **kw)
 
 
@@ -381,10 +381,10 @@ def _dpo_legacy(*, beta, eps, tau, f_type, f_alpha, types, weights, pc, pr, rc, 
     if bad:
         raise ValueError(f"loss_type {bad} does not exist in TRL <= 0.28")
     if "ipo" in types:
-        from ._validation import check_positive_lengths
+        from .._validation import check_positive_lengths
 
-        check_positive_lengths(lc, "chosen_lengths", "legacy ipo (<=0.28 divides every log-prob by its length)")
-        check_positive_lengths(lr, "rejected_lengths", "legacy ipo (<=0.28 divides every log-prob by its length)")
+        check_positive_lengths("chosen_lengths", lc, "legacy ipo (<=0.28 divides every log-prob by its length)")
+        check_positive_lengths("rejected_lengths", lr, "legacy ipo (<=0.28 divides every log-prob by its length)")
         pc, pr, rc, rr = pc / lc, pr / lr, rc / lc, rr / lr
     if "exo_pair" in types and eps == 0.0:
         warnings.warn("TRL <= 0.28 replaced label_smoothing=0 by 1e-3 for exo_pair, which also turns any "

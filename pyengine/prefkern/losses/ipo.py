@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from ._common import finish, pair_metrics
-from ._validation import check_number, sequence_inputs
+from .._validation import check_number, sequence_inputs
 from .outputs import PreferenceLossOutput
 
 __all__ = ["ipo_loss", "slic_hf_loss"]
@@ -38,7 +38,7 @@ def ipo_loss(
     PreferenceLossOutput
         ``losses [B]``; rewards ``tau * a``, ``tau * b``; metrics ``rewards/*``, ``logps/*``.
     """
-    tau = check_number(tau, "tau", low=0.0, low_open=True)
+    tau = check_number("tau", tau, low=0.0, low_open=True)
     pc, pr, rc, rr = sequence_inputs([
         ("policy_chosen_logps", policy_chosen_logps), ("policy_rejected_logps", policy_rejected_logps),
         ("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)])
@@ -78,8 +78,8 @@ def slic_hf_loss(
         ``losses [B]``; rewards ``S_theta(y_w)``, ``S_theta(y_l)`` (reference-free);
         metrics ``rewards/*``, ``logps/*``.
     """
-    delta = check_number(delta, "delta", low=0.0, low_open=True)
-    lam = check_number(reg_weight, "reg_weight")
+    delta = check_number("delta", delta, low=0.0, low_open=True)
+    lam = check_number("reg_weight", reg_weight)
     pc, pr, tgt = sequence_inputs([("policy_chosen_logps", policy_chosen_logps),
                                    ("policy_rejected_logps", policy_rejected_logps),
                                    ("target_logps", target_logps)])

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ._common import finish
-from ._validation import check_number, check_same_device, scalar_input, sequence_inputs
+from .._validation import check_number, check_same_device, scalar_input, sequence_inputs
 from .outputs import PreferenceLossOutput
 
 __all__ = ["KTO_LOSS_TYPES", "kto_loss", "kto_mismatched_indices", "kto_weights_in_range"]
@@ -116,15 +116,15 @@ def kto_loss(
     """
     if loss_type not in KTO_LOSS_TYPES:
         raise ValueError(f"unknown KTO loss_type {loss_type!r}; expected one of {KTO_LOSS_TYPES}")
-    beta = check_number(beta, "beta", low=0.0, low_open=True)
-    wd = check_number(desirable_weight, "desirable_weight", low=0.0)
-    wu = check_number(undesirable_weight, "undesirable_weight", low=0.0)
+    beta = check_number("beta", beta, low=0.0, low_open=True)
+    wd = check_number("desirable_weight", desirable_weight, low=0.0)
+    wu = check_number("undesirable_weight", undesirable_weight, low=0.0)
     pol, ref = sequence_inputs([("policy_logps", policy_logps), ("ref_logps", ref_logps)])
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor of shape [N] (bool), got {type(labels).__name__}")
     if labels.shape != pol.shape:
         raise ValueError(f"labels must have shape {tuple(pol.shape)} ([N]), got {tuple(labels.shape)}")
-    check_same_device([("policy_logps", pol), ("labels", labels)])
+    check_same_device(policy_logps=pol, labels=labels)
     if labels.dtype != torch.bool:
         if labels.is_floating_point() or labels.is_complex():
             raise TypeError(f"labels must be bool or an integer 0/1 tensor, got {labels.dtype}")
@@ -134,14 +134,14 @@ def kto_loss(
     ref = ref.detach()
     if loss_type == "kto":
         if kl is not None:
-            z0 = scalar_input(kl, "kl", pol).detach().clamp(min=0)
+            z0 = scalar_input("kl", kl, pol).detach().clamp(min=0)
         else:
             if kl_policy_logps is None or kl_ref_logps is None:
                 raise ValueError("loss_type='kto' needs kl_policy_logps and kl_ref_logps ([M] log-probs of the "
                                  "mismatched completions, see kto_mismatched_indices) or a precomputed kl")
             kp, kr = sequence_inputs([("kl_policy_logps", kl_policy_logps), ("kl_ref_logps", kl_ref_logps)],
                                      dtype=pol.dtype)
-            check_same_device([("policy_logps", pol), ("kl_policy_logps", kp)])
+            check_same_device(policy_logps=pol, kl_policy_logps=kp)
             z0 = (kp - kr).detach().mean().clamp(min=0)
     else:
         z0 = pol.new_zeros(())

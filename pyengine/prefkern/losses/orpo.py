@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ._common import finish, logsig, pair_metrics
-from ._validation import check_number, check_positive_lengths, lengths_input, scalar_input, sequence_inputs
+from .._validation import check_number, check_positive_lengths, lengths_input, scalar_input, sequence_inputs
 from .outputs import PreferenceLossOutput
 from .reductions import log1mexp
 
@@ -63,16 +63,16 @@ def orpo_loss(
         (averaged), ``nll_loss``, ``log_odds_ratio`` (mean log sigma(z)),
         ``log_odds_chosen`` (mean z).
     """
-    beta = check_number(beta, "beta")
+    beta = check_number("beta", beta)
     pc, pr = sequence_inputs([("policy_chosen_logps", policy_chosen_logps),
                               ("policy_rejected_logps", policy_rejected_logps)])
-    lc = lengths_input(chosen_lengths, "chosen_lengths", pc)
-    lr = lengths_input(rejected_lengths, "rejected_lengths", pc)
-    check_positive_lengths(lc, "chosen_lengths", "ORPO")
-    check_positive_lengths(lr, "rejected_lengths", "ORPO")
+    lc = lengths_input("chosen_lengths", chosen_lengths, pc)
+    lr = lengths_input("rejected_lengths", rejected_lengths, pc)
+    check_positive_lengths("chosen_lengths", lc, "ORPO")
+    check_positive_lengths("rejected_lengths", lr, "ORPO")
     if chosen_nll is None:
         raise ValueError("orpo_loss needs chosen_nll (0-d NLL of the chosen sequences)")
-    nll = scalar_input(chosen_nll, "chosen_nll", pc)
+    nll = scalar_input("chosen_nll", chosen_nll, pc)
     avc, avr = pc / lc, pr / lr
     z = orpo_log_odds(avc, avr)
     ls = logsig(z)

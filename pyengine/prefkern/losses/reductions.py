@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._validation import check_finite, check_positive_lengths, check_tensor, compute_dtype
+from .._validation import check_finite, check_positive_lengths, check_floating, compute_dtype
 from .outputs import PreferenceBatch
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
 
 
 def _check_token_inputs(token_logps: object, mask: object, name: str = "token_logps") -> Tuple[torch.Tensor, torch.Tensor]:
-    token_logps = check_tensor(token_logps, name)
+    token_logps = check_floating(name, token_logps)
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask for {name} must be a torch.Tensor of shape [B, T], got {type(mask).__name__}")
     if token_logps.dim() != 2:
@@ -54,7 +54,7 @@ def _check_token_inputs(token_logps: object, mask: object, name: str = "token_lo
             if mask.device.type != "meta" and bad.any():
                 raise ValueError("mask must contain only 0 and 1")
         mask = mask != 0
-    check_finite(token_logps, name, where=mask)
+    check_finite(name, token_logps, where=mask)
     return token_logps, mask
 
 
@@ -105,7 +105,7 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, *, average: bo
     s = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dim=1)
     if average:
         n = mask.sum(dim=1)
-        check_positive_lengths(n, "mask", "sequence_logps(average=True)")
+        check_positive_lengths("mask", n, "sequence_logps(average=True)")
         s = s / n.to(s.dtype)
     return s
 
@@ -174,7 +174,7 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         Same shape and dtype as ``x``.
     """
-    x = check_tensor(x, "x")
+    x = check_floating("x", x)
     if x.device.type != "meta" and (x.detach() > 0).any():
         raise ValueError("log1mexp needs x <= 0 (a log-probability); got a positive value")
     small = x < -math.log(2.0)
@@ -212,9 +212,9 @@ def ld_sequence_logps(
     (torch.Tensor, torch.Tensor)
         ``[B]`` weighted sums for chosen and rejected.
     """
-    from ._validation import check_number
+    from .._validation import check_number
 
-    alpha = check_number(ld_alpha, "ld_alpha", low=0.0, high=1.0)
+    alpha = check_number("ld_alpha", ld_alpha, low=0.0, high=1.0)
     c, cm = _check_token_inputs(chosen_token_logps, chosen_mask, "chosen_token_logps")
     r, rm = _check_token_inputs(rejected_token_logps, rejected_mask, "rejected_token_logps")
     if c.shape[0] != r.shape[0]:
@@ -254,7 +254,7 @@ def wpo_sequence_weights(logits: torch.Tensor, labels: torch.Tensor, mask: torch
     torch.Tensor
         ``[B]`` float32 (float64 for float64 logits) weights, detached.
     """
-    logits = check_tensor(logits, "logits")
+    logits = check_floating("logits", logits)
     if logits.dim() != 3:
         raise ValueError(f"logits must have shape [B, T, V], got {tuple(logits.shape)}")
     if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
@@ -269,7 +269,7 @@ def wpo_sequence_weights(logits: torch.Tensor, labels: torch.Tensor, mask: torch
     tok = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse
     log_sq = torch.logsumexp(2 * z, dim=-1) - 2 * lse
     n = m.sum(1)
-    check_positive_lengths(n, "mask", "wpo_sequence_weights")
+    check_positive_lengths("mask", n, "wpo_sequence_weights")
     val = torch.where(m, tok - log_sq, torch.zeros((), dtype=z.dtype, device=z.device)).sum(1) / n.to(z.dtype)
     return torch.exp(val)
 

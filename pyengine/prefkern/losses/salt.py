@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ._common import finish
-from ._validation import check_finite, check_number, check_tensor, compute_dtype
+from .._validation import check_finite, check_number, check_floating, compute_dtype
 from .outputs import PreferenceLossOutput
 from .reductions import log1mexp
 
@@ -163,8 +163,8 @@ def _log1m_p(logp: torch.Tensor) -> torch.Tensor:
 
 
 def _side(token_logps: object, weights: object, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    x = check_tensor(token_logps, f"{name}_token_logps")
-    w = check_tensor(weights, f"{name}_weights")
+    x = check_floating(f"{name}_token_logps", token_logps)
+    w = check_floating(f"{name}_weights", weights)
     if x.dim() != 2:
         raise ValueError(f"{name}_token_logps must have shape [B, T], got {tuple(x.shape)}")
     if w.shape != x.shape:
@@ -173,8 +173,8 @@ def _side(token_logps: object, weights: object, name: str) -> Tuple[torch.Tensor
         raise ValueError(f"{name}_weights is on {w.device} but {name}_token_logps on {x.device}")
     if x.shape[0] == 0:
         raise ValueError(f"{name}_token_logps is empty (B=0)")
-    check_finite(w, f"{name}_weights")
-    check_finite(x, f"{name}_token_logps", where=w != 0)
+    check_finite(f"{name}_weights", w)
+    check_finite(f"{name}_token_logps", x, where=w != 0)
     if x.device.type != "meta" and (x.detach()[w != 0] > 0).any():
         raise ValueError(f"{name}_token_logps must be <= 0 (log-probabilities)")
     return x, w
@@ -232,8 +232,8 @@ def salt_loss(
     """
     if form not in ("paper", "code"):
         raise ValueError(f"form must be 'paper' or 'code', got {form!r}")
-    o1 = check_number(omega1, "omega1")
-    o2 = check_number(omega2, "omega2")
+    o1 = check_number("omega1", omega1)
+    o2 = check_number("omega2", omega2)
     xe, we = _side(edited_token_logps, edited_weights, "edited")
     xg, wg = _side(generated_token_logps, generated_weights, "generated")
     if xe.shape[0] != xg.shape[0]:

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from ._common import finish, pair_metrics, smoothed_sigmoid_loss
-from ._validation import check_number, check_positive_lengths, lengths_input, scalar_input, sequence_inputs
+from .._validation import check_number, check_positive_lengths, lengths_input, scalar_input, sequence_inputs
 from .outputs import PreferenceLossOutput
 
 __all__ = ["simpo_loss"]
@@ -57,16 +57,16 @@ def simpo_loss(
     """
     if loss_type not in ("sigmoid", "hinge"):
         raise ValueError(f"unknown SimPO loss_type {loss_type!r}; expected 'sigmoid' or 'hinge'")
-    beta = check_number(beta, "beta", low=0.0, low_open=True)
-    ratio = check_number(gamma_beta_ratio, "gamma_beta_ratio")
-    eps = check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0)
-    sft_weight = check_number(sft_weight, "sft_weight")
+    beta = check_number("beta", beta, low=0.0, low_open=True)
+    ratio = check_number("gamma_beta_ratio", gamma_beta_ratio)
+    eps = check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    sft_weight = check_number("sft_weight", sft_weight)
     pc, pr = sequence_inputs([("policy_chosen_logps", policy_chosen_logps),
                               ("policy_rejected_logps", policy_rejected_logps)])
-    lc = lengths_input(chosen_lengths, "chosen_lengths", pc)
-    lr = lengths_input(rejected_lengths, "rejected_lengths", pc)
-    check_positive_lengths(lc, "chosen_lengths", "SimPO")
-    check_positive_lengths(lr, "rejected_lengths", "SimPO")
+    lc = lengths_input("chosen_lengths", chosen_lengths, pc)
+    lr = lengths_input("rejected_lengths", rejected_lengths, pc)
+    check_positive_lengths("chosen_lengths", lc, "SimPO")
+    check_positive_lengths("rejected_lengths", lr, "SimPO")
     avc, avr = pc / lc, pr / lr
     logits = avc - avr - ratio
     if loss_type == "sigmoid":
@@ -78,7 +78,7 @@ def simpo_loss(
     if sft_weight != 0.0:
         if chosen_nll is None:
             raise ValueError("sft_weight != 0 needs chosen_nll (0-d token-mean NLL of the chosen completions)")
-        nll = scalar_input(chosen_nll, "chosen_nll", pc)
+        nll = scalar_input("chosen_nll", chosen_nll, pc)
         losses = losses + sft_weight * nll
         metrics["sft_loss"] = nll.detach()
     return finish("simpo_loss", losses.mean(), losses, chosen_rewards, rejected_rewards, metrics)
