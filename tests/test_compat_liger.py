@@ -275,7 +275,8 @@ PAIRED_MODULES = {
 def test_eager_chunks_match_stream(kind, pairs_per_chunk, monkeypatch):
     """The eager path (3 matmul units, gradients per chunk of pairs) against the stream path, with the
     5-pair batch split into chunks of 1 and 2 pairs (the last chunk short)."""
-    import prefkern.eager
+    import prefkern.fused.eager
+    import prefkern.fused.engine as engine
 
     data = make_batch(rows=10, seed=4)
     module = PAIRED_MODULES[kind]()
@@ -283,17 +284,17 @@ def test_eager_chunks_match_stream(kind, pairs_per_chunk, monkeypatch):
     if kind.startswith("dpo"):
         kw = dict(ref_input=data["ref_hidden"], ref_weight=data["ref_weight"], ref_bias=data["ref_bias"])
     calls = []
-    real = prefkern.eager.eager_chunks
+    real = engine.eager_gradients
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ours, "eager_chunks", spy)
-    monkeypatch.setitem(prefkern.eager.EAGER_TOKENS_PER_CHUNK, "cpu", 2 * T * pairs_per_chunk)
+    monkeypatch.setattr(engine, "eager_gradients", spy)
+    monkeypatch.setitem(prefkern.fused.eager.EAGER_TOKENS_PER_CHUNK, "cpu", 2 * T * pairs_per_chunk)
     eager = run(paired(module, data, **kw), data, grad_scale=1.7)
     assert calls, "the eager path was not taken"
-    monkeypatch.setattr(ours, "eager_applies", lambda *a: False)
+    monkeypatch.setattr(engine, "wants_gradient", lambda *a: False)
     stream = run(paired(module, data, **kw), data, grad_scale=1.7)
     assert len(calls) == 1
     compare(eager, stream)
@@ -303,7 +304,8 @@ def test_eager_chunks_match_stream(kind, pairs_per_chunk, monkeypatch):
 @pytest.mark.parametrize("average_log_prob", [False, True])
 def test_kto_eager_chunks_match_stream(examples_per_chunk, average_log_prob, monkeypatch):
     """KTO's eager path (chunks of whole examples) against its stream path, per-example kl."""
-    import prefkern.eager
+    import prefkern.fused.eager
+    import prefkern.fused.engine as engine
 
     n = KTO_LABELS.numel()
     data = make_batch(rows=n, seed=5)
@@ -312,12 +314,12 @@ def test_kto_eager_chunks_match_stream(examples_per_chunk, average_log_prob, mon
                  ref_bias=data["ref_bias"], kl=torch.linspace(-0.2, 0.6, n))
     call = lambda h, w, b: module(h, w, data["target"], b, **extra)  # noqa: E731
     calls = []
-    real = prefkern.eager.eager_chunks
-    monkeypatch.setattr(ours, "eager_chunks", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setitem(prefkern.eager.EAGER_TOKENS_PER_CHUNK, "cpu", T * examples_per_chunk)
+    real = engine.eager_gradients
+    monkeypatch.setattr(engine, "eager_gradients", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setitem(prefkern.fused.eager.EAGER_TOKENS_PER_CHUNK, "cpu", T * examples_per_chunk)
     eager = run(call, data, grad_scale=0.6)
     assert calls, "the eager path was not taken"
-    monkeypatch.setattr(ours, "eager_applies", lambda *a: False)
+    monkeypatch.setattr(engine, "wants_gradient", lambda *a: False)
     stream = run(call, data, grad_scale=0.6)
     assert len(calls) == 1
     compare(eager, stream)
@@ -327,7 +329,9 @@ def test_eager_raises_input_errors_before_any_gemm(monkeypatch):
     """A completion with no scored token under length averaging is refused by the dry run."""
     data = make_batch()
     data["target"][1] = IGNORE
-    monkeypatch.setattr(ours, "eager_chunks", lambda *a, **k: pytest.fail("GEMMs ran before the check"))
+    import prefkern.fused.engine as engine
+
+    monkeypatch.setattr(engine, "eager_gradients", lambda *a, **k: pytest.fail("GEMMs ran before the check"))
     with pytest.raises(ValueError, match=r"target rows \[1\] have no scored token"):
         run(paired(ours.LigerFusedLinearSimPOLoss(), data), data)
 

@@ -159,7 +159,7 @@ def test_kto_through_the_fused_module(loss_type, mode, int_labels):
     kl_hidden, kl_ref = hidden.roll(1, 0), ref_hidden.roll(1, 0)
     x, w, b = leaves(hidden, weight, bias)
     module = prefkern.FusedLinearPreferenceLoss(loss_type, mode=mode, memory_budget=T * V * 4)
-    out = module(x, w, labels, b, ref_hidden=ref_hidden, kto_labels=kto_labels, kl_hidden=kl_hidden, kl_labels=labels,
+    out = module(x, w, labels, b, ref_hidden=ref_hidden, desirable=kto_labels, kl_hidden=kl_hidden, kl_labels=labels,
                  ref_kl_hidden=kl_ref)
     ours = grads(out, x, w, b)
     mask = labels != -100
@@ -177,14 +177,14 @@ def test_kto_through_the_fused_module(loss_type, mode, int_labels):
 
 
 def test_kto_eager_raises_input_errors_before_any_gemm(monkeypatch):
-    import prefkern.fused_loss as fused
+    import prefkern.fused.engine as engine
 
     hidden, weight, bias, ref_hidden, labels = inputs()
-    monkeypatch.setattr(fused, "eager_chunks", lambda *a, **k: pytest.fail("GEMMs ran before the check"))
+    monkeypatch.setattr(engine, "eager_gradients", lambda *a, **k: pytest.fail("GEMMs ran before the check"))
     module = prefkern.FusedLinearPreferenceLoss("kto", mode="eager")
     with pytest.raises(ValueError, match="kl_policy_logps"):
         module(hidden.clone().requires_grad_(), weight, labels, bias, ref_hidden=ref_hidden,
-               kto_labels=torch.ones(2 * B, dtype=torch.bool))
+               desirable=torch.ones(2 * B, dtype=torch.bool))
 
 
 def test_salt_token_weights():

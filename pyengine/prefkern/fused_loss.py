@@ -8,42 +8,41 @@ The logits ``[2B, T, V]`` never exist. Two modes (DESIGN.md section 4):
 - ``eager``: for losses that decompose per pair (KTO: per example), chunks of whole pairs (examples)
   are pushed through the GEMM once; the chunk's loss gradient is taken at once and the logit gradient
   written in place over the chunk's logits, followed by the dX and dW GEMMs -- all inside forward, so
-  backward only scales the stored gradients (:mod:`prefkern.eager`). Cost: 3 matmul units; extra
+  backward only scales the stored gradients (:mod:`prefkern.fused.eager`). Cost: 3 matmul units; extra
   memory one chunk of fp32 logits.
 
-``mode="auto"`` takes eager when the loss allows it and one chunk fits ``memory_budget``.
+``mode="auto"`` takes eager when the loss allows it and one chunk fits ``memory_budget``. The choice, the backend
+and the budget are made once per call by :func:`prefkern.fused.fused_loss`; this module only maps its arguments
+onto a :class:`~prefkern.fused.CatalogObjective`.
+
+Differentiable outputs, in both modes: ``loss`` and ``losses`` (per pair / per example). Rewards and metrics are
+detached, as in the catalog. In eager mode ``loss`` carries the gradients taken in forward (backpropagate it once);
+a gradient through ``losses`` takes the stream backward (recompute, dX, dW) for what reaches it.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import replace
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+import warnings
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from ._validation import check_tensor
-from .eager import default_memory_budget, eager_applies, eager_chunks, pair_fits, with_gradients
-from .losses import PreferenceBatch, PreferenceLossOutput, preference_batch
-from .losses.registry import LOSS_REGISTRY
+from ._validation import (
+    check_choice, check_floating, check_integer, check_lm_head, check_number, check_tensor,
+)
+from .fused.engine import MODES, EngineOptions, default_memory_budget, fused_loss, token_logps_no_grad
+from .fused.objective import CatalogObjective, CatalogUnpairedObjective
+from .losses import PreferenceLossOutput
+from .losses.registry import LOSS_REGISTRY, available_loss_types, loss_entry
 from .ops.linear_logprobs import linear_logprobs, shift_labels
 
-# Losses whose batch value is a mean over pairs of per-pair terms (plus a token-mean NLL), so that
-# a chunk of pairs gives its exact share of the gradient; KTO's is a mean over examples once its KL
-# reference point (from a separate batch, without gradient) is known. aot* sort across the batch and
-# bco_pair keeps a running mean: they stream.
-EAGER_LOSS_TYPES = frozenset({
-    "sigmoid", "dpo", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "sppo_hard", "apo_zero", "apo_down",
-    "discopop", "sft", "sigmoid_norm", "cdpo", "rpo", "simpo", "simpo_hinge", "orpo", "cpo", "cpo_hinge",
-    "cpo_ipo", "cpo_simpo", "alphapo", "ipo_paper", "slic_hf", "kto", "apo_zero_unpaired",
-})
-def _family(loss_type: str) -> Callable[..., PreferenceLossOutput]:
-    if loss_type == "rpo":
-        return LOSS_REGISTRY["sigmoid"][0]
-    if loss_type not in LOSS_REGISTRY:
-        raise ValueError(f"loss_type {loss_type!r} is not in the catalog; choose from {sorted(LOSS_REGISTRY) + ['rpo']}")
-    return LOSS_REGISTRY[loss_type][0]
+#: loss types whose batch loss splits into per-pair (KTO: per-example) shares: eager mode applies to them
+EAGER_LOSS_TYPES = frozenset([name for name, entry in LOSS_REGISTRY.items() if entry.per_pair] + ["rpo"])
+UNPAIRED_LOSS_TYPES = frozenset(name for name, entry in LOSS_REGISTRY.items() if entry.unpaired)
+
+RefLogps = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], None]
 
 
 class FusedLinearPreferenceLoss(nn.Module):
@@ -52,7 +51,8 @@ class FusedLinearPreferenceLoss(nn.Module):
     Parameters
     ----------
     loss_type : a name of :func:`prefkern.preference_loss` (``"sigmoid"``, ``"ipo"``, ``"simpo"``,
-        ``"orpo"``, ``"cpo"``, ``"kto"``, ``"salt"``, ...; ``"rpo"`` = DPO + NLL).
+        ``"orpo"``, ``"cpo"``, ``"kto"``, ``"salt"``, ...; ``"rpo"`` = DPO + NLL). The unpaired types
+        (``"kto"``, ``"apo_zero_unpaired"``) construct a :class:`FusedLinearUnpairedLoss`.
     beta : the loss's beta (passed when the family takes one; default: the family's own default,
         e.g. 0.1 for DPO, 2.0 for SimPO).
     ignore_index : label value of prompt and padding positions.
@@ -60,7 +60,9 @@ class FusedLinearPreferenceLoss(nn.Module):
     nll_weight : DPO-family losses add ``nll_weight`` x the chosen token-mean NLL (RPO).
     mode : ``"auto"``, ``"stream"`` or ``"eager"`` (see the module docstring).
     memory_budget : bytes the eager logits chunk may take (default a tenth of free memory).
-    shift : 1 when ``labels`` are the input ids of a causal LM (position t scores token t+1).
+    shift : 0 when ``labels`` are aligned with ``hidden`` (position t scores ``labels[:, t]``); 1 when
+        ``labels`` are the input ids of a causal LM (position t scores token t+1; the last position scores
+        nothing). TRL's and Liger's fused paths pass already-shifted labels (shift=0).
     backend : backend of the log-prob kernels (``"auto"``, ``"native"``, ``"triton"``, ``"cuda"``, ``"torch"``).
     empty_completions : ``"raise"`` (default), ``"drop"`` (TRL >= 0.29; stream only) or ``"keep"``,
         for a pair whose chosen or rejected completion has no scored token.
@@ -78,13 +80,17 @@ class FusedLinearPreferenceLoss(nn.Module):
     ref_logps : precomputed reference log-probs, [2B] per sequence (or a (chosen, rejected) pair of [B]),
         or [2B, T] per token.
     token_weights : [2B, T] SALT weights (chosen rows = edited text, rejected rows = model output).
-    kto_labels : [B] bool, desirable examples (KTO); kl_hidden / kl_labels (+ ref_kl_hidden or
-        ref_kl_logps [B]) : the mismatched-pair batch of KTO's KL reference point.
 
     Returns
     -------
-    :class:`prefkern.losses.PreferenceLossOutput` (loss, per-example losses, rewards, metrics).
+    :class:`prefkern.losses.PreferenceLossOutput` (loss, per-example losses, rewards, metrics); ``loss`` and
+    ``losses`` are differentiable in both modes.
     """
+
+    def __new__(cls, loss_type: str = "sigmoid", *args: Any, **kwargs: Any):
+        if cls is FusedLinearPreferenceLoss and isinstance(loss_type, str) and loss_type in UNPAIRED_LOSS_TYPES:
+            return super().__new__(FusedLinearUnpairedLoss)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -105,82 +111,55 @@ class FusedLinearPreferenceLoss(nn.Module):
         if loss_type == "c3po":
             raise ValueError("c3po adds constraint terms on other prompts: compute its token log-probs with "
                              "prefkern.linear_logprobs and call prefkern.c3po_loss")
-        self.family = _family(loss_type)
-        self._params = frozenset(inspect.signature(self.family).parameters)
-        if mode not in ("auto", "stream", "eager"):
-            raise ValueError(f"mode must be 'auto', 'stream' or 'eager', got {mode!r}")
-        if mode == "eager" and loss_type not in EAGER_LOSS_TYPES:
+        if not isinstance(loss_type, str) or (loss_type not in LOSS_REGISTRY and loss_type != "rpo"):
+            raise ValueError(f"loss_type {loss_type!r} is not in the catalog; choose from {available_loss_types()}")
+        check_choice("mode", mode, MODES)
+        per_pair = loss_type in EAGER_LOSS_TYPES
+        if mode == "eager" and not per_pair:
             raise ValueError(f"mode='eager' needs a loss that decomposes per pair ({sorted(EAGER_LOSS_TYPES)}); "
                              f"{loss_type!r} must stream")
-        self._tensor_options = sorted(k for k, v in loss_kwargs.items() if isinstance(v, torch.Tensor))
-        if mode == "eager" and self._tensor_options:
-            raise ValueError(f"per-example options {self._tensor_options} are not split across eager chunks: "
+        tensor_options = sorted(k for k, v in loss_kwargs.items() if isinstance(v, torch.Tensor))
+        if mode == "eager" and tensor_options:
+            raise ValueError(f"per-example options {tensor_options} are not split across eager chunks: "
                              "use mode='stream'")
+        check_choice("empty_completions", empty_completions, ("raise", "drop", "keep"))
         if mode == "eager" and empty_completions == "drop":
             raise ValueError("empty_completions='drop' changes the batch: use mode='stream'")
-        if memory_budget is not None and memory_budget <= 0:
+        if memory_budget is not None and check_integer("memory_budget", memory_budget) <= 0:
             raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
-        is_dpo = self.family is LOSS_REGISTRY["sigmoid"][0]
+        family = loss_entry(loss_type).fn
+        is_dpo = family is LOSS_REGISTRY["sigmoid"].fn
         if (average_log_prob or nll_weight) and not is_dpo:
             raise ValueError("average_log_prob and nll_weight apply to DPO-family losses; other families take their "
                              "own options (e.g. sft_weight for SimPO, cpo_alpha for CPO)")
-        self.loss_type, self.beta, self.ignore_index = loss_type, beta, ignore_index
-        self.average_log_prob, self.nll_weight = average_log_prob, nll_weight
-        self.mode, self.memory_budget, self.shift, self.backend = mode, memory_budget, shift, backend
+        self.loss_type, self.beta = loss_type, beta
+        self.ignore_index = check_integer("ignore_index", ignore_index)
+        self.average_log_prob, self.nll_weight = average_log_prob, check_number("nll_weight", nll_weight)
+        self.mode, self.memory_budget, self.backend = mode, memory_budget, backend
+        self.shift = check_integer("shift", shift, low=0)
         self.empty_completions, self.ld_alpha = empty_completions, ld_alpha
-        self.loss_kwargs = self._loss_kwargs(loss_kwargs)
+        self._takes_beta = beta is not None and "beta" in _parameters(family)
+        self._takes_reference = "ref_chosen_logps" in _parameters(family) or "ref_logps" in _parameters(family)
+        self.loss_spec, self.loss_kwargs = self._catalog_call(loss_kwargs)
 
-    def _loss_kwargs(self, extra: Dict[str, Any]) -> Dict[str, Any]:
+    def _catalog_call(self, extra: dict) -> Tuple[Any, dict]:
+        """The :func:`prefkern.preference_loss` name (or list) and keyword arguments this module computes."""
         kwargs = dict(extra)
-        if self.beta is not None and "beta" in self._params:
+        if self._takes_beta:
             kwargs.setdefault("beta", self.beta)
-        if self.loss_type == "rpo" or self.nll_weight:
-            base = "sigmoid" if self.loss_type in ("rpo", "dpo") else self.loss_type
-            kwargs["loss_type"] = [base, "sft"]
-            kwargs["loss_weights"] = [1.0, self.nll_weight or extra.get("rpo_alpha", 1.0)]
-        elif self.loss_type in LOSS_REGISTRY:
-            kwargs.update(LOSS_REGISTRY[self.loss_type][1])
-        return kwargs
+        if not self.nll_weight:
+            return self.loss_type, kwargs
+        if self.loss_type == "rpo":
+            return "rpo", {**kwargs, "rpo_alpha": self.nll_weight}
+        base = "sigmoid" if self.loss_type == "dpo" else self.loss_type
+        return [base, "sft"], {**kwargs, "loss_weights": [1.0, self.nll_weight]}
 
-    # ---- the loss on per-sequence values --------------------------------------------------------
-
-    def _batch(self, token_logps, mask, ref_seq, ref_tokens):
-        batch = preference_batch(token_logps, mask, ref_tokens, ld_alpha=self.ld_alpha,
-                                 empty_completions=self.empty_completions)
-        if ref_seq is not None:
-            rc, rr = ref_seq
-            if batch.kept is not None:
-                rc, rr = rc[batch.kept], rr[batch.kept]
-            batch = replace(batch, ref_chosen_logps=rc, ref_rejected_logps=rr)
-        if self.average_log_prob:
-            lc = batch.chosen_lengths.clamp(min=1)
-            lr = batch.rejected_lengths.clamp(min=1)
-            batch = replace(
-                batch,
-                policy_chosen_logps=batch.policy_chosen_logps / lc, policy_rejected_logps=batch.policy_rejected_logps / lr,
-                ref_chosen_logps=None if batch.ref_chosen_logps is None else batch.ref_chosen_logps / lc,
-                ref_rejected_logps=None if batch.ref_rejected_logps is None else batch.ref_rejected_logps / lr,
-            )
-        return batch
-
-    def _paired_loss(self, batch: PreferenceBatch) -> PreferenceLossOutput:
-        return self.family(**self._family_args(batch), **self.loss_kwargs)
-
-    def _family_args(self, batch: PreferenceBatch) -> Dict[str, Any]:
-        fields = {
-            "policy_chosen_logps": batch.policy_chosen_logps, "policy_rejected_logps": batch.policy_rejected_logps,
-            "ref_chosen_logps": batch.ref_chosen_logps, "ref_rejected_logps": batch.ref_rejected_logps,
-            "chosen_lengths": batch.chosen_lengths, "rejected_lengths": batch.rejected_lengths,
-            "chosen_nll": batch.chosen_nll,
-        }
-        args = {k: v for k, v in fields.items() if k in self._params}
-        if "ref_chosen_logps" in self._params and args.get("ref_chosen_logps") is None and not self._reference_free():
-            raise ValueError(f"loss_type {self.loss_type!r} needs reference log-probs: pass ref_hidden (+ ref_weight) "
-                             "or ref_logps")
-        return args
+    @property
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(self.ignore_index, self.mode, self.backend, self.memory_budget, type(self).__name__)
 
     def _reference_free(self) -> bool:
-        return bool(self.loss_kwargs.get("reference_free")) or self.loss_type == "sft"
+        return bool(self.loss_kwargs.get("reference_free")) or self.loss_type == "sft" or not self._takes_reference
 
     # ---- forward ----------------------------------------------------------------------------------
 
@@ -193,57 +172,46 @@ class FusedLinearPreferenceLoss(nn.Module):
         ref_hidden: Optional[torch.Tensor] = None,
         ref_weight: Optional[torch.Tensor] = None,
         ref_bias: Optional[torch.Tensor] = None,
-        ref_logps: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], None] = None,
+        ref_logps: RefLogps = None,
         *,
         token_weights: Optional[torch.Tensor] = None,
-        kto_labels: Optional[torch.Tensor] = None,
-        kl_hidden: Optional[torch.Tensor] = None,
-        kl_labels: Optional[torch.Tensor] = None,
-        ref_kl_hidden: Optional[torch.Tensor] = None,
-        ref_kl_logps: Optional[torch.Tensor] = None,
     ) -> PreferenceLossOutput:
-        check_tensor("hidden", hidden)
-        check_tensor("labels", labels)
-        if hidden.dim() != 3:
-            raise ValueError(f"hidden must have shape [2B, T, H] ([chosen; rejected]), got {tuple(hidden.shape)}")
-        if tuple(labels.shape) != tuple(hidden.shape[:2]):
-            raise ValueError(f"labels must have shape {tuple(hidden.shape[:2])} (hidden's [2B, T]), got {tuple(labels.shape)}")
-        if ref_hidden is not None and ref_logps is not None:
-            raise ValueError("pass either ref_hidden (a reference model) or ref_logps (precomputed), not both")
-        labels = shift_labels(labels, self.shift, self.ignore_index)
-        mask = labels != self.ignore_index
-        if self.loss_type in ("kto", "apo_zero_unpaired"):
-            return self._kto(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ref_logps, kto_labels,
-                             kl_hidden, kl_labels, ref_kl_hidden, ref_kl_logps)
+        labels = self._inputs(hidden, weight, labels, bias, "[2B, T, H] ([chosen; rejected])")
         if hidden.shape[0] % 2 != 0 or hidden.shape[0] == 0:
             raise ValueError(f"hidden must stack [chosen; rejected] along a non-zero even first dim, got {tuple(hidden.shape)}")
-        ref_seq, ref_tokens = self._reference(ref_hidden, ref_weight if ref_weight is not None else weight,
-                                              ref_bias if ref_weight is not None else bias, labels, ref_logps, mask)
+        if ref_hidden is not None and ref_logps is not None:
+            raise ValueError("pass either ref_hidden (a reference model) or ref_logps (precomputed), not both")
+        mask = labels != self.ignore_index
         if self.loss_type == "salt":
             return self._salt(hidden, weight, labels, bias, token_weights, mask)
-        if self._use_eager(hidden, weight, bias):
-            return self._eager(hidden, weight, labels, bias, mask, ref_seq, ref_tokens)
-        token_logps = linear_logprobs(hidden, weight, labels, bias, ignore_index=self.ignore_index,
-                                      backend=self.backend)
-        return self._paired_loss(self._batch(token_logps, mask, ref_seq, ref_tokens))
+        ref_seq, ref_tokens = self._reference(ref_hidden, ref_weight, ref_bias, weight, bias, labels, ref_logps)
+        if ref_seq is None and ref_tokens is None and not self._reference_free():
+            raise ValueError(f"loss_type {self.loss_type!r} needs reference log-probs: pass ref_hidden (+ ref_weight) "
+                             "or ref_logps")
+        objective = CatalogObjective(self.loss_spec, self.loss_kwargs, mask, ref_seq=ref_seq, ref_tokens=ref_tokens,
+                                     average_log_prob=self.average_log_prob, ld_alpha=self.ld_alpha,
+                                     empty_completions=self.empty_completions)
+        return fused_loss(hidden, weight, bias, labels, objective, self.engine_options).output
 
-    def _logps(self, hidden, weight, labels, bias):
-        return linear_logprobs(hidden, weight, labels, bias, ignore_index=self.ignore_index, backend=self.backend)
+    def _inputs(self, hidden, weight, labels, bias, layout: str) -> torch.Tensor:
+        """Checks (before any GEMM) and the shifted int64 labels."""
+        if check_tensor("hidden", hidden).dim() != 3:
+            raise ValueError(f"hidden must have shape {layout}, got {tuple(hidden.shape)}")
+        check_lm_head(hidden, weight, labels, bias, hidden_shape=layout)
+        return shift_labels(labels.to(torch.int64), self.shift, self.ignore_index)
 
-    def _reference(self, ref_hidden, ref_weight, ref_bias, labels, ref_logps, mask):
+    def _reference(self, ref_hidden, ref_weight, ref_bias, weight, bias, labels, ref_logps):
         """(per-sequence (chosen, rejected) or None, token-level [2B, T] or None), detached."""
         if ref_hidden is not None:
-            if tuple(ref_hidden.shape[:2]) != tuple(labels.shape):
-                raise ValueError(f"ref_hidden must have shape [2B, T, H'] with [2B, T] = {tuple(labels.shape)}, "
-                                 f"got {tuple(ref_hidden.shape)}")
-            with torch.no_grad():
-                return None, self._logps(ref_hidden, ref_weight, labels, ref_bias)
+            return None, self._reference_tokens(ref_hidden, ref_weight, ref_bias, weight, bias, labels, "ref_hidden")
         if ref_logps is None:
             return None, None
         if isinstance(ref_logps, (tuple, list)):
-            rc, rr = ref_logps
+            if len(ref_logps) != 2:
+                raise ValueError(f"ref_logps as a sequence must be (chosen [B], rejected [B]), got {len(ref_logps)} items")
+            rc, rr = (check_floating(n, t) for n, t in zip(("ref_logps[0]", "ref_logps[1]"), ref_logps))
             return (rc.detach().float(), rr.detach().float()), None
-        check_tensor("ref_logps", ref_logps)
+        check_floating("ref_logps", ref_logps)
         b2 = labels.shape[0]
         if tuple(ref_logps.shape) == (b2,):
             return (ref_logps[: b2 // 2].detach().float(), ref_logps[b2 // 2:].detach().float()), None
@@ -252,103 +220,115 @@ class FusedLinearPreferenceLoss(nn.Module):
         raise ValueError(f"ref_logps must have shape [2B] = [{b2}] (per sequence) or [2B, T] = "
                          f"{list(labels.shape)} (per token), got {tuple(ref_logps.shape)}")
 
-    def _use_eager(self, hidden, weight, bias, rows_per_unit: int = 2) -> bool:
-        if (self.mode == "stream" or self.loss_type not in EAGER_LOSS_TYPES or self.empty_completions == "drop"
-                or self._tensor_options):
-            return False
-        if not eager_applies(hidden, weight, bias, self.backend, "FusedLinearPreferenceLoss"):
-            return False
-        return self.mode == "eager" or pair_fits(hidden.shape[1], weight.shape[0], self.memory_budget, hidden.device,
-                                                 rows_per_unit)
+    def _reference_tokens(self, ref_hidden, ref_weight, ref_bias, weight, bias, labels, name: str) -> torch.Tensor:
+        """[R, T] reference token log-probs, no gradient; the head defaults to the policy's (and its bias)."""
+        check_tensor(name, ref_hidden)
+        if ref_hidden.dim() != 3 or tuple(ref_hidden.shape[:2]) != tuple(labels.shape):
+            raise ValueError(f"{name} must have shape [R, T, H'] with [R, T] = {tuple(labels.shape)}, "
+                             f"got {tuple(ref_hidden.shape)}")
+        rw, rb = (ref_weight, ref_bias) if ref_weight is not None else (weight, bias)
+        check_lm_head(ref_hidden, rw, labels, rb, names=(name, "ref_weight", "labels", "ref_bias"))
+        return token_logps_no_grad(ref_hidden, rw, rb, labels, self.ignore_index, self.backend)
 
-    # ---- eager: gradients inside forward ------------------------------------------------------------
-
-    def _eager(self, hidden, weight, labels, bias, mask, ref_seq, ref_tokens) -> PreferenceLossOutput:
-        b = hidden.shape[0] // 2
-        total_chosen = mask[:b].sum().clamp(min=1).to(torch.float32)
-
-        def chunk_share(leaf, rows, s, e):
-            c = e - s
-            batch = self._batch(leaf, mask[rows], self._slice_ref(ref_seq, s, e),
-                                None if ref_tokens is None else ref_tokens[rows])
-            # the chunk's share of the batch's token-mean NLL, rescaled because the chunk loss is averaged over c pairs
-            chunk_nll = -(leaf[:c] * mask[rows][:c]).sum() / total_chosen * (b / c)
-            return self._paired_loss(replace(batch, chosen_nll=chunk_nll)).loss * (c / b)
-
-        token_logps, grads = eager_chunks(hidden, weight, bias, labels, self.ignore_index, chunk_share,
-                                          backend=self.backend, memory_budget=self.memory_budget)
-        out = self._paired_loss(self._batch(token_logps, mask, ref_seq, ref_tokens))
-        return replace(out, loss=with_gradients(out.loss, hidden, weight, bias, grads))
-
-    @staticmethod
-    def _slice_ref(ref_seq, s, e):
-        return None if ref_seq is None else (ref_seq[0][s:e], ref_seq[1][s:e])
-
-    # ---- token-level and unpaired losses ----------------------------------------------------------------
+    # ---- token-level loss -------------------------------------------------------------------------------
 
     def _salt(self, hidden, weight, labels, bias, token_weights, mask) -> PreferenceLossOutput:
         if token_weights is None or tuple(token_weights.shape) != tuple(labels.shape):
             raise ValueError(f"loss_type 'salt' needs token_weights of shape {tuple(labels.shape)} ([edited; generated])")
-        token_logps = self._logps(hidden, weight, labels, bias)
+        token_logps = linear_logprobs(hidden, weight, labels, bias, ignore_index=self.ignore_index, backend=self.backend)
         b = labels.shape[0] // 2
         kwargs = dict(self.loss_kwargs)
         kwargs.setdefault("vocab_size", weight.shape[0])
         w = token_weights * mask
-        return self.family(token_logps[:b], w[:b], token_logps[b:], w[b:], **kwargs)
+        return loss_entry("salt").fn(token_logps[:b], w[:b], token_logps[b:], w[b:], **kwargs)
 
-    def _kto(self, hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ref_logps, kto_labels,
-             kl_hidden, kl_labels, ref_kl_hidden, ref_kl_logps) -> PreferenceLossOutput:
-        if kto_labels is None or tuple(kto_labels.shape) != (hidden.shape[0],):
-            raise ValueError(f"KTO needs kto_labels of shape [B] = [{hidden.shape[0]}] (True = desirable)")
-        rw = ref_weight if ref_weight is not None else weight
-        rb = ref_bias if ref_weight is not None else bias
-        mask = labels != self.ignore_index
-        with torch.no_grad():
-            if ref_hidden is not None:
-                ref = (self._logps(ref_hidden, rw, labels, rb) * mask).sum(-1)
-            elif ref_logps is not None and tuple(ref_logps.shape) == (hidden.shape[0],):
-                ref = ref_logps.detach().float()
-            else:
-                raise ValueError("KTO needs ref_hidden or ref_logps of shape [B]")
-        kl_kwargs = {}
-        if kl_hidden is not None:
-            if kl_labels is None:
-                raise ValueError("kl_hidden needs kl_labels")
-            kl_labels = shift_labels(kl_labels, self.shift, self.ignore_index)
-            kl_mask = kl_labels != self.ignore_index
-            with torch.no_grad():
-                kl_kwargs["kl_policy_logps"] = (self._logps(kl_hidden, weight, kl_labels, bias) * kl_mask).sum(-1)
-                if ref_kl_hidden is not None:
-                    kl_kwargs["kl_ref_logps"] = (self._logps(ref_kl_hidden, rw, kl_labels, rb) * kl_mask).sum(-1)
-                elif ref_kl_logps is not None:
-                    kl_kwargs["kl_ref_logps"] = ref_kl_logps.detach().float()
-                else:
-                    raise ValueError("kl_hidden needs ref_kl_hidden or ref_kl_logps")
-        if not self._use_eager(hidden, weight, bias, rows_per_unit=1):
-            policy = (self._logps(hidden, weight, labels, bias) * mask).sum(-1)
-            return self.family(policy, ref, kto_labels, **kl_kwargs, **self.loss_kwargs)
-        # eager: a dry run on placeholder log-probs raises input errors before any GEMM and gives z0, the KL
-        # reference point every chunk shares; the loss is then a mean of per-example terms
-        quiet = {**self.loss_kwargs, "warn_imbalance": False}
-        with torch.no_grad():
-            z0 = self.family(torch.zeros_like(ref), ref, kto_labels, **kl_kwargs, **quiet).metrics["kl"]
-        chunk_kwargs = {**quiet, "kl": z0}
-        desirable = kto_labels if kto_labels.dtype == torch.bool else kto_labels != 0
+
+class FusedLinearUnpairedLoss(FusedLinearPreferenceLoss):
+    """KTO and APO-zero-unpaired from hidden states and the lm-head, on an unpaired batch.
+
+    ``FusedLinearPreferenceLoss("kto", ...)`` constructs this class; the constructor's parameters are those of
+    :class:`FusedLinearPreferenceLoss`.
+
+    Forward inputs
+    --------------
+    hidden : [B, T, H] last hidden states of the completions; weight : [V, H]; labels : [B, T]; bias : [V] or None.
+    ref_hidden (+ ref_weight, ref_bias) or ref_logps [B] : the reference model's sequence log-probs.
+    desirable : [B] bool (or 0/1 integers), True for a desirable example (``kto_labels`` is its old name).
+    kl_hidden, kl_labels (+ ref_kl_hidden or ref_kl_logps [B]) : the mismatched-pair batch of KTO's KL reference
+        point.
+
+    Returns
+    -------
+    :class:`prefkern.losses.PreferenceLossOutput`; ``loss`` and ``losses`` differentiable.
+    """
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        ref_hidden: Optional[torch.Tensor] = None,
+        ref_weight: Optional[torch.Tensor] = None,
+        ref_bias: Optional[torch.Tensor] = None,
+        ref_logps: Optional[torch.Tensor] = None,
+        *,
+        desirable: Optional[torch.Tensor] = None,
+        kl_hidden: Optional[torch.Tensor] = None,
+        kl_labels: Optional[torch.Tensor] = None,
+        ref_kl_hidden: Optional[torch.Tensor] = None,
+        ref_kl_logps: Optional[torch.Tensor] = None,
+        kto_labels: Optional[torch.Tensor] = None,
+    ) -> PreferenceLossOutput:
+        if kto_labels is not None:
+            if desirable is not None:
+                raise ValueError("pass desirable (kto_labels is its deprecated name), not both")
+            warnings.warn("kto_labels is deprecated: pass desirable=", DeprecationWarning, stacklevel=2)
+            desirable = kto_labels
+        labels = self._inputs(hidden, weight, labels, bias, "[B, T, H]")
+        if hidden.shape[0] == 0:
+            raise ValueError(f"hidden must have at least one example, got {tuple(hidden.shape)}")
+        if ref_hidden is not None and ref_logps is not None:
+            raise ValueError("pass either ref_hidden (a reference model) or ref_logps (precomputed), not both")
         n = hidden.shape[0]
+        if not isinstance(desirable, torch.Tensor) or tuple(desirable.shape) != (n,):
+            raise ValueError(f"KTO needs desirable (formerly kto_labels) of shape [B] = [{n}] (True = desirable)")
+        mask = labels != self.ignore_index
+        if ref_hidden is not None:
+            ref = (self._reference_tokens(ref_hidden, ref_weight, ref_bias, weight, bias, labels, "ref_hidden")
+                   * mask).sum(-1)
+        elif ref_logps is not None and tuple(check_floating("ref_logps", ref_logps).shape) == (n,):
+            ref = ref_logps.detach().float()
+        else:
+            raise ValueError("KTO needs ref_hidden or ref_logps of shape [B]")
+        kl_kwargs = self._kl_point(weight, bias, ref_weight, ref_bias, kl_hidden, kl_labels, ref_kl_hidden,
+                                   ref_kl_logps)
+        objective = CatalogUnpairedObjective(self.loss_type, self.loss_kwargs, mask, ref, desirable, kl_kwargs)
+        return fused_loss(hidden, weight, bias, labels, objective, self.engine_options).output
 
-        def chunk_share(leaf, rows, s, e):
-            policy = (leaf * mask[rows]).sum(-1)
-            return self.family(policy, ref[rows], desirable[rows], **chunk_kwargs).loss * ((e - s) / n)
+    def _kl_point(self, weight, bias, ref_weight, ref_bias, kl_hidden, kl_labels, ref_kl_hidden, ref_kl_logps):
+        if kl_hidden is None:
+            return {}
+        if kl_labels is None:
+            raise ValueError("kl_hidden needs kl_labels")
+        check_lm_head(kl_hidden, weight, kl_labels, bias, names=("kl_hidden", "weight", "kl_labels", "bias"))
+        kl_labels = shift_labels(kl_labels.to(torch.int64), self.shift, self.ignore_index)
+        kl_mask = kl_labels != self.ignore_index
+        kwargs = {"kl_policy_logps": (token_logps_no_grad(kl_hidden, weight, bias, kl_labels, self.ignore_index,
+                                                          self.backend) * kl_mask).sum(-1)}
+        if ref_kl_hidden is not None:
+            kwargs["kl_ref_logps"] = (self._reference_tokens(ref_kl_hidden, ref_weight, ref_bias, weight, bias,
+                                                             kl_labels, "ref_kl_hidden") * kl_mask).sum(-1)
+        elif ref_kl_logps is not None:
+            kwargs["kl_ref_logps"] = check_floating("ref_kl_logps", ref_kl_logps).detach().float()
+        else:
+            raise ValueError("kl_hidden needs ref_kl_hidden or ref_kl_logps")
+        return kwargs
 
-        token_logps, grads = eager_chunks(hidden, weight, bias, labels, self.ignore_index, chunk_share, paired=False,
-                                          backend=self.backend, memory_budget=self.memory_budget)
-        out = self.family((token_logps * mask).sum(-1), ref, kto_labels, **kl_kwargs, **self.loss_kwargs)
-        return replace(out, loss=with_gradients(out.loss, hidden, weight, bias, grads))
+
+def _parameters(fn) -> frozenset:
+    return frozenset(inspect.signature(fn).parameters)
 
 
-def matmul_units(mode: str, with_reference: bool) -> int:
-    """Matmul units (2 N H V FLOPs each) of one training step of the policy, plus the reference pass."""
-    return (3 if mode == "eager" else 4) + (1 if with_reference else 0)
-
-
-__all__ = ["FusedLinearPreferenceLoss", "EAGER_LOSS_TYPES", "default_memory_budget", "matmul_units"]
+__all__ = ["FusedLinearPreferenceLoss", "FusedLinearUnpairedLoss", "EAGER_LOSS_TYPES", "UNPAIRED_LOSS_TYPES",
+           "default_memory_budget"]

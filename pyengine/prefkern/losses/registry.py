@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
 from .c3po import c3po_loss
 from .cpo import cpo_loss
@@ -14,31 +14,67 @@ from .outputs import PreferenceBatch, PreferenceLossOutput
 from .salt import salt_loss
 from .simpo import simpo_loss
 
-__all__ = ["preference_loss", "available_loss_types", "LOSS_REGISTRY"]
+__all__ = ["preference_loss", "available_loss_types", "loss_entry", "LossEntry", "LOSS_REGISTRY"]
 
-#: name -> (function, fixed keyword arguments)
-LOSS_REGISTRY: Dict[str, Tuple[Callable[..., PreferenceLossOutput], Dict[str, Any]]] = {}
+class LossEntry(NamedTuple):
+    """A catalog entry: the family function, the keyword arguments the name fixes, and how the batch loss splits.
+
+    ``per_pair``: the batch loss is a mean over pairs (or, ``unpaired``, over examples) of per-pair terms plus a
+    token-mean NLL with a normaliser known up front, so a chunk of whole pairs gives its exact share of the value
+    and the gradient (the fused engine's eager mode). ``unpaired``: rows are single examples (KTO), not
+    ``[chosen; rejected]`` pairs.
+    """
+
+    fn: Callable[..., PreferenceLossOutput]
+    fixed: Dict[str, Any]
+    per_pair: bool = True
+    unpaired: bool = False
+
+
+# aot / aot_unpaired sort across the batch and bco_pair keeps a running mean; salt is token-level and c3po adds
+# terms on other prompts: none of them splits into per-pair shares
+_NOT_PER_PAIR = ("aot", "aot_unpaired", "aot_pair", "bco_pair")
+
+#: name -> LossEntry
+LOSS_REGISTRY: Dict[str, LossEntry] = {}
 for _t in DPO_LOSS_TYPES + ("aot_pair",):
-    LOSS_REGISTRY[_t] = (dpo_loss, {"loss_type": _t})
+    LOSS_REGISTRY[_t] = LossEntry(dpo_loss, {"loss_type": _t}, per_pair=_t not in _NOT_PER_PAIR)
 LOSS_REGISTRY.update({
-    "dpo": (dpo_loss, {"loss_type": "sigmoid"}),
-    "simpo": (simpo_loss, {"loss_type": "sigmoid"}),
-    "simpo_hinge": (simpo_loss, {"loss_type": "hinge"}),
-    "orpo": (orpo_loss, {}),
-    "cpo": (cpo_loss, {"loss_type": "sigmoid"}),
-    "cpo_hinge": (cpo_loss, {"loss_type": "hinge"}),
-    "cpo_ipo": (cpo_loss, {"loss_type": "ipo"}),
-    "cpo_simpo": (cpo_loss, {"loss_type": "simpo"}),
-    "alphapo": (cpo_loss, {"loss_type": "alphapo"}),
-    "kto": (kto_loss, {"loss_type": "kto"}),
-    "apo_zero_unpaired": (kto_loss, {"loss_type": "apo_zero_unpaired"}),
-    "ipo_paper": (ipo_loss, {}),
-    "slic_hf": (slic_hf_loss, {}),
-    "salt": (salt_loss, {}),
-    "c3po": (c3po_loss, {}),
+    "dpo": LossEntry(dpo_loss, {"loss_type": "sigmoid"}),
+    "simpo": LossEntry(simpo_loss, {"loss_type": "sigmoid"}),
+    "simpo_hinge": LossEntry(simpo_loss, {"loss_type": "hinge"}),
+    "orpo": LossEntry(orpo_loss, {}),
+    "cpo": LossEntry(cpo_loss, {"loss_type": "sigmoid"}),
+    "cpo_hinge": LossEntry(cpo_loss, {"loss_type": "hinge"}),
+    "cpo_ipo": LossEntry(cpo_loss, {"loss_type": "ipo"}),
+    "cpo_simpo": LossEntry(cpo_loss, {"loss_type": "simpo"}),
+    "alphapo": LossEntry(cpo_loss, {"loss_type": "alphapo"}),
+    "kto": LossEntry(kto_loss, {"loss_type": "kto"}, unpaired=True),
+    "apo_zero_unpaired": LossEntry(kto_loss, {"loss_type": "apo_zero_unpaired"}, unpaired=True),
+    "ipo_paper": LossEntry(ipo_loss, {}),
+    "slic_hf": LossEntry(slic_hf_loss, {}),
+    "salt": LossEntry(salt_loss, {}, per_pair=False),
+    "c3po": LossEntry(c3po_loss, {}, per_pair=False),
 })
 _BATCH_FIELDS = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
                  "chosen_lengths", "rejected_lengths", "chosen_nll")
+
+
+def loss_entry(loss_type: Union[str, Sequence[str]], kwargs: Optional[Dict[str, Any]] = None) -> LossEntry:
+    """The catalog entry of ``loss_type`` (a name, ``"rpo"`` or a list of DPO types), with the fixed arguments
+    it implies. ``kwargs``: the caller's keyword arguments, from which ``rpo_alpha`` is taken (popped)."""
+    if isinstance(loss_type, (list, tuple)):
+        types = list(loss_type)
+        per_pair = not any(t in _NOT_PER_PAIR for t in types)
+        return LossEntry(dpo_loss, {"loss_type": types}, per_pair=per_pair)
+    if not isinstance(loss_type, str):
+        raise TypeError(f"loss_type must be a string or a list of strings, got {type(loss_type).__name__}")
+    if loss_type == "rpo":
+        alpha = 1.0 if kwargs is None else kwargs.pop("rpo_alpha", 1.0)
+        return LossEntry(dpo_loss, {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, alpha]})
+    if loss_type in LOSS_REGISTRY:
+        return LOSS_REGISTRY[loss_type]
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {available_loss_types()}")
 
 
 def available_loss_types() -> List[str]:
@@ -85,17 +121,8 @@ def preference_loss(
     ValueError
         Unknown ``loss_type`` (the message lists the valid names).
     """
-    if isinstance(loss_type, (list, tuple)):
-        fn, fixed = dpo_loss, {"loss_type": list(loss_type)}
-    elif not isinstance(loss_type, str):
-        raise TypeError(f"loss_type must be a string or a list of strings, got {type(loss_type).__name__}")
-    elif loss_type == "rpo":
-        alpha = kwargs.pop("rpo_alpha", 1.0)
-        fn, fixed = dpo_loss, {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, alpha]}
-    elif loss_type in LOSS_REGISTRY:
-        fn, fixed = LOSS_REGISTRY[loss_type]
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {available_loss_types()}")
+    kwargs = dict(kwargs)
+    fn, fixed = loss_entry(loss_type, kwargs)[:2]
     clash = [k for k in fixed if k in kwargs]
     if clash:
         raise TypeError(f"preference_loss({loss_type!r}) sets {clash} itself; call the family function to change it")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .._native_loader import native
@@ -11,6 +13,14 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 def dtype_code(t: torch.Tensor) -> int:
     return DTYPE_CODES[t.dtype]
+
+
+def device_of(t: torch.Tensor):
+    """Context that makes ``t``'s GPU the current device for a launch (Triton and the CUDA C++ kernels launch on
+    the current device and stream); a no-op for CPU tensors."""
+    if t.is_cuda:
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def cuda_stream(t: torch.Tensor) -> int:

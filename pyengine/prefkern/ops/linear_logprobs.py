@@ -1,11 +1,12 @@
 """``prefkern.linear_logprobs``: token log-probs from hidden states and the lm-head, logits never whole.
 
 Two implementations of the same contract:
-- ``tiles`` (Triton forward on CUDA): vocabulary tiles in registers, an online log-sum-exp, nothing of
-  size V written. Its tile backward (fp32 atomics into dX and dW) is opt-in: ``deterministic=False``.
-- ``chunks`` (native C++ on CPU, CUDA C++, and every backward by default): k tokens at a time through
-  the BLAS/cuBLAS GEMM into one reused [k, V] fp32 buffer, one fused pass that makes lse and the label
-  logit, and in backward the logit gradient in place, then two GEMMs for dX and dW.
+- ``chunks`` (the default on every device): k tokens at a time through the BLAS/cuBLAS GEMM
+  (:mod:`.lm_head_gemm`: tensor cores in the inputs' dtype on a GPU, fp32 on the CPU) into one reused [k, V]
+  fp32 buffer, one fused row pass (native C++, Triton or CUDA C++: :func:`.logprobs.logprobs_rows`) that makes
+  lse and the label logit, and in backward the logit gradient in place, then two GEMMs for dX and dW.
+- ``tiles`` (Triton, opt-in with ``deterministic=False``): vocabulary tiles in registers, an online
+  log-sum-exp, nothing of size V written; its backward sums dX and dW with fp32 atomics.
 Both cost 4 matmul units for a trained step (forward, recompute, dX, dW) and one for a reference pass;
 only rows with a label are computed.
 """
@@ -16,12 +17,14 @@ from typing import Optional, Tuple
 
 import torch
 
+from torch._subclasses.fake_tensor import is_fake
+
 from .. import reference
-from .._validation import (
-    FLOAT_DTYPES, check_float, check_index, check_labels_in_range, check_same_device, check_tensor,
-)
+from .._validation import check_integer, check_labels_in_range, check_lm_head, float64_backend
 from ..dispatch import BACKENDS, resolve_backend
-from ._backends import cuda_stream, native_module, triton_kernels
+from ._backends import device_of, triton_kernels
+from .lm_head_gemm import LmHeadGemms
+from .logprobs import logprobs_rows, logprobs_rows_grad
 
 CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 128 << 20}  # fp32 logits buffer of the chunked path
 
@@ -30,66 +33,24 @@ def default_chunk_rows(vocab: int, device: torch.device) -> int:
     return max(1, CHUNK_BYTES.get(device.type, 32 << 20) // (4 * max(vocab, 1)))
 
 
-def _row_forward(backend: str, buf: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                 logp: torch.Tensor, lse: torch.Tensor) -> None:
-    k, v = buf.shape
-    if backend == "torch":
-        torch.logsumexp(buf, dim=-1, out=lse)
-        ignored = labels == ignore_index
-        picked = buf.gather(-1, labels.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1)
-        logp.copy_((picked - lse).masked_fill(ignored, 0.0))
-        return
-    if backend == "triton":
-        lp, ls = triton_kernels("logprobs").logprobs_forward(buf, labels, ignore_index, 1.0)
-        logp.copy_(lp)
-        lse.copy_(ls)
-        return
-    args = (buf.data_ptr(), 0, k, v, buf.stride(0), labels.data_ptr(), ignore_index, 1.0, logp.data_ptr(), lse.data_ptr())
-    if backend == "native":
-        native_module().logprobs_forward_cpu(*args)
-    else:
-        native_module().logprobs_forward_cuda(*args, cuda_stream(buf))
-
-
-def _row_backward_inplace(backend: str, grad: torch.Tensor, buf: torch.Tensor, labels: torch.Tensor,
-                          ignore_index: int, lse: torch.Tensor) -> None:
-    k, v = buf.shape
-    if backend == "torch":
-        ignored = labels == ignore_index
-        g = grad.masked_fill(ignored, 0.0).unsqueeze(-1)
-        safe = labels.masked_fill(ignored, 0).unsqueeze(-1)
-        buf.sub_(lse.unsqueeze(-1)).exp_().mul_(-g)
-        buf.scatter_add_(-1, safe, g)
-        return
-    if backend == "triton":
-        triton_kernels("logprobs").logprobs_backward(grad, buf, labels, lse, ignore_index, 1.0, out=buf)
-        return
-    args = (grad.data_ptr(), buf.data_ptr(), 0, k, v, buf.stride(0), labels.data_ptr(), ignore_index, 1.0,
-            lse.data_ptr(), buf.data_ptr(), buf.stride(0))
-    if backend == "native":
-        native_module().logprobs_backward_cpu(*args)
-    else:
-        native_module().logprobs_backward_cuda(*args, cuda_stream(buf))
-
-
-def _chunk_logits(x: torch.Tensor, w32: torch.Tensor, b32: Optional[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-    torch.mm(x, w32.t(), out=out)
-    if b32 is not None:
-        out.add_(b32)
-    return out
-
-
-def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else t.to(torch.float32)
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read back here: not while tracing (fake / meta tensors, torch.compile) nor
+    during CUDA graph capture (a host sync is not allowed there)."""
+    if t.device.type == "meta" or is_fake(t) or torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def scored_rows(labels: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
-    """Indices of the rows that carry a label, or None when all do.
+    """Indices of the rows that carry a label, or None when all do (or when they cannot be read).
 
     The chunked paths push only these rows through the GEMMs: prompt and padding positions contribute
     exactly zero to value and gradient, so skipping them is exact and saves their share of the FLOPs.
-    Costs one host sync per call (none per chunk).
+    Costs one host sync per call (none per chunk). Where values cannot be read (tracing, graph capture) every
+    row goes through; the row kernels give ignored rows 0 and a zero gradient.
     """
+    if labels.numel() == 0 or not values_readable(labels):
+        return None
     idx = (labels != ignore_index).nonzero().squeeze(1)
     return None if idx.numel() == labels.numel() else idx
 
@@ -99,25 +60,26 @@ def _pick(rows: Optional[torch.Tensor], s: int, e: int):
 
 
 def chunked_forward(hidden, weight, bias, labels, ignore_index, backend, chunk_rows):
+    """``(logp [N], lse [N])`` fp32, ``chunk_rows`` scored rows at a time through the lm-head GEMM."""
     n = hidden.shape[0]
     v = weight.shape[0]
     logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
     lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-    rows = scored_rows(labels, ignore_index) if n else None
+    rows = scored_rows(labels, ignore_index)
     m = n if rows is None else rows.numel()
     if m == 0:
         return logp, lse
-    w32, b32 = weight.to(torch.float32), _fp32(bias)
+    head = LmHeadGemms(weight, bias)
     buf = torch.empty((min(chunk_rows, m), v), dtype=torch.float32, device=hidden.device)
     for s in range(0, m, chunk_rows):
         e = min(m, s + chunk_rows)
         sel = _pick(rows, s, e)
-        z = _chunk_logits(hidden[sel].to(torch.float32), w32, b32, buf[: e - s])
+        z = head.logits(hidden[sel], buf[: e - s])
         if rows is None:
-            _row_forward(backend, z, labels[sel], ignore_index, logp[sel], lse[sel])
+            logprobs_rows(z, labels[sel], ignore_index, 1.0, backend, logp[sel], lse[sel])
         else:
             part_logp, part_lse = logp.new_empty(e - s), lse.new_empty(e - s)
-            _row_forward(backend, z, labels[sel], ignore_index, part_logp, part_lse)
+            logprobs_rows(z, labels[sel], ignore_index, 1.0, backend, part_logp, part_lse)
             logp.index_copy_(0, sel, part_logp)
             lse.index_copy_(0, sel, part_lse)
     return logp, lse
@@ -125,52 +87,54 @@ def chunked_forward(hidden, weight, bias, labels, ignore_index, backend, chunk_r
 
 def chunked_backward(grad, hidden, weight, bias, labels, lse, ignore_index, backend, chunk_rows,
                      need_dx, need_dw, need_db):
+    """``(dX [N, H], dW [V, H], db [V])`` fp32 (None where not needed): each chunk's logits recomputed, the
+    logit gradient written over them in place, then the dX and dW GEMMs."""
     n, h = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
     dx = torch.zeros((n, h), dtype=torch.float32, device=dev) if need_dx else None
     dw = torch.zeros((v, h), dtype=torch.float32, device=dev) if need_dw else None
     db = torch.zeros((v,), dtype=torch.float32, device=dev) if need_db else None
-    rows = scored_rows(labels, ignore_index) if n else None
+    rows = scored_rows(labels, ignore_index)
     m = n if rows is None else rows.numel()
     if m == 0:
         return dx, dw, db
-    w32, b32 = weight.to(torch.float32), _fp32(bias)
+    head = LmHeadGemms(weight, bias)
     buf = torch.empty((min(chunk_rows, m), v), dtype=torch.float32, device=dev)
     for s in range(0, m, chunk_rows):
         e = min(m, s + chunk_rows)
         sel = _pick(rows, s, e)
-        x = hidden[sel].to(torch.float32)
-        z = _chunk_logits(x, w32, b32, buf[: e - s])
-        _row_backward_inplace(backend, grad[sel].contiguous(), z, labels[sel], ignore_index, lse[sel].contiguous())
+        x = hidden[sel]
+        z = head.logits(x, buf[: e - s])
+        logprobs_rows_grad(grad[sel].contiguous(), z, labels[sel], lse[sel].contiguous(), ignore_index, 1.0, backend, z)
+        dz = head.grad_operand(z)
         if need_dx:
             if rows is None:
-                torch.mm(z, w32, out=dx[sel])
+                dx[sel] = head.grad_hidden(dz)
             else:
-                dx.index_copy_(0, sel, torch.mm(z, w32))
+                dx.index_copy_(0, sel, head.grad_hidden(dz))
         if need_dw:
-            dw.addmm_(z.t(), x)
+            head.accumulate_grad_weight(dw, dz, x)
         if need_db:
-            db.add_(z.sum(dim=0))
+            db.add_(head.grad_bias(z))
     return dx, dw, db
 
 
 def _tile_forward(hidden, weight, bias, labels, ignore_index):
     """Triton tile forward on the scored rows only (scattered back; ignored rows give logp 0, lse 0)."""
     launch = triton_kernels("linear_logprobs").linear_lse_forward
-    # under CUDA graph capture every row goes through (selecting rows would sync); ignored rows still give 0
-    capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
-    rows = scored_rows(labels, ignore_index) if hidden.shape[0] and not capturing else None
-    if rows is None:
-        return launch(hidden, weight, bias, labels, ignore_index)
-    logp_s, lse_s = launch(hidden.index_select(0, rows), weight, bias, labels[rows], ignore_index)
+    rows = scored_rows(labels, ignore_index)
+    with device_of(hidden):
+        if rows is None:
+            return launch(hidden, weight, bias, labels, ignore_index)
+        logp_s, lse_s = launch(hidden.index_select(0, rows), weight, bias, labels[rows], ignore_index)
     n = hidden.shape[0]
     logp = hidden.new_zeros(n, dtype=torch.float32).index_copy_(0, rows, logp_s)
     lse = hidden.new_zeros(n, dtype=torch.float32).index_copy_(0, rows, lse_s)
     return logp, lse
 
 
-def _uses_tile_backward(backend: str, deterministic: bool) -> bool:
+def _uses_tiles(backend: str, deterministic: bool) -> bool:
     return backend == "triton" and not deterministic
 
 
@@ -182,9 +146,9 @@ def linear_logprobs_fwd(
     """Raw op: ``(logp [N], lse [N])`` fp32. ``backend``: auto, native, triton or cuda (torch row
     kernels on chunks when ``auto`` finds neither)."""
     backend = resolve_backend(backend, hidden.device, "linear_logprobs")
-    # the chunked path selects scored rows with a host sync anyway; the Triton tile forward skips both under capture
-    check_labels_in_range(labels, weight.shape[0], ignore_index, kernels_guard=backend == "triton")
-    if backend == "triton":
+    if values_readable(labels):
+        check_labels_in_range(labels, weight.shape[0], ignore_index)
+    if _uses_tiles(backend, deterministic):
         return _tile_forward(hidden, weight, bias, labels, ignore_index)
     return chunked_forward(hidden, weight, bias, labels, ignore_index, backend, chunk_rows)
 
@@ -203,9 +167,10 @@ def linear_logprobs_bwd(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raw op: ``(dX, dW, db)`` in the dtypes of hidden, weight and bias; an empty tensor where not needed."""
     backend = resolve_backend(backend, hidden.device, "linear_logprobs")
-    if _uses_tile_backward(backend, deterministic):
-        dx, dw, db = triton_kernels("linear_logprobs").linear_lse_backward(
-            grad, hidden, weight, bias, labels, lse, ignore_index, need_dx, need_dw, need_db)
+    if _uses_tiles(backend, deterministic):
+        with device_of(hidden):
+            dx, dw, db = triton_kernels("linear_logprobs").linear_lse_backward(
+                grad, hidden, weight, bias, labels, lse, ignore_index, need_dx, need_dw, need_db)
     else:
         dx, dw, db = chunked_backward(grad, hidden, weight, bias, labels, lse, ignore_index, backend, chunk_rows,
                                       need_dx, need_dw, need_db)
@@ -247,6 +212,15 @@ def _backward(ctx, grad_logp, _grad_lse):
 linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def reference_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                              labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The ``torch`` backend: materialised logits in fp32 (fp64 for fp64 inputs), plain autograd."""
+    if values_readable(labels):
+        check_labels_in_range(labels, weight.shape[0], ignore_index)
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return reference.linear_logprobs(hidden, weight, labels, bias, ignore_index, compute_dtype=dtype)
+
+
 def shift_labels(labels: torch.Tensor, shift: int, ignore_index: int) -> torch.Tensor:
     """``labels[..., t + shift]`` at position t, ``ignore_index`` where that runs past the end."""
     if shift == 0:
@@ -282,16 +256,16 @@ def linear_logprobs(
         x V fp32: about 32 MB on the CPU and 128 MB on a GPU by default; the Triton forward holds only
         register tiles). Prompt and padding rows (``ignore_index``) never reach a GEMM. The ``"eager"`` trade
         (gradient inside forward) needs the loss and lives in :class:`prefkern.FusedLinearPreferenceLoss`.
-    backend : ``"auto"`` (Triton tiles on CUDA, native chunks on CPU; torch row ops on chunks, with a
-        warning, when neither can run), ``"native"``, ``"triton"``, ``"cuda"`` (CUDA C++ row kernels on
-        cuBLAS chunks) or ``"torch"`` (the materialised reference).
+    backend : the row kernels of the chunks: ``"auto"`` (Triton on CUDA, native C++ on CPU; torch row ops,
+        with a warning, when neither can run), ``"native"``, ``"triton"``, ``"cuda"`` (CUDA C++) or
+        ``"torch"`` (the materialised reference, no chunks).
     chunk_rows : tokens per chunk on the chunked paths (default: a 32 MB fp32 buffer).
     deterministic : ``True`` (default): the backward recomputes the logits chunk by chunk through the
         GEMM (cuBLAS / BLAS), forms the logit gradient in place with the row kernel and takes dX and dW
         with two more GEMMs: bit-reproducible, at the cost of one ``chunk_rows x V`` fp32 buffer.
-        ``False`` (Triton only): the fused tile backward, nothing of size V in memory, but dX and dW
-        are summed with fp32 atomics, so their last bits vary from run to run, and the atomic traffic
-        (about N H V / 128 + V H N / 64 adds) probably bounds it on a real GPU (not measured).
+        ``False`` (Triton only): the register-tile kernels in both directions, nothing of size V in memory,
+        but dX and dW are summed with fp32 atomics, so their last bits vary from run to run, and the atomic
+        traffic (about N H V / 128 + V H N / 64 adds) probably bounds it on a real GPU (not measured).
 
     Returns
     -------
@@ -301,28 +275,8 @@ def linear_logprobs(
     raise ``ValueError``; that check and the selection of scored rows cost a host sync or two per
     call on a GPU.
     """
-    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
-        check_tensor(name, t)
-    allowed = FLOAT_DTYPES + (torch.float64,)
-    check_float("hidden", hidden, allowed)
-    check_index("labels", labels)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}")
-    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden must have shape [..., H] with H = {weight.shape[1]} (weight is [V, H]), got {tuple(hidden.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden's leading dims), got {tuple(labels.shape)}")
-    if bias is not None:
-        check_tensor("bias", bias)
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
-    check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
-    if weight.shape[0] == 0:
-        raise ValueError("weight must have V > 0 rows")
+    check_lm_head(hidden, weight, labels, bias)
+    ignore_index = check_integer("ignore_index", ignore_index)
     if mode not in ("auto", "stream", "eager"):
         raise ValueError(f"mode must be 'auto', 'stream' or 'eager', got {mode!r}")
     if mode == "eager":
@@ -338,14 +292,9 @@ def linear_logprobs(
     h2 = hidden.reshape(-1, hidden.shape[-1])
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if hidden.dtype == torch.float64:
-        if backend not in ("auto", "torch"):
-            raise TypeError(f"float64 inputs run on the 'torch' backend only, not {backend!r}")
-        backend = "torch"
+    backend = float64_backend("hidden", hidden, backend)
     if backend == "torch":
-        check_labels_in_range(labels, weight.shape[0], ignore_index)
-        dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        return reference.linear_logprobs(h2, weight, labels, bias, ignore_index, compute_dtype=dtype).reshape(lead)
+        return reference_linear_logprobs(h2, weight, bias, labels, ignore_index).reshape(lead)
     rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.device)
     logp, _ = linear_logprobs_fwd(h2, weight, bias, labels, ignore_index, backend, rows, bool(deterministic))
     return logp.reshape(lead)

@@ -6,40 +6,110 @@ from typing import Tuple
 
 import torch
 
-from .. import reference
-from .._validation import FLOAT_DTYPES, check_float, check_labels_in_range, check_index, check_ndim, check_positive_finite, check_same_device, check_tensor
+from .._validation import (
+    FLOAT_DTYPES, check_float, check_index, check_integer, check_labels_in_range, check_ndim, check_positive_finite,
+    check_same_device, check_tensor, float64_backend,
+)
 from ..dispatch import resolve_backend
-from ._backends import cuda_stream, dtype_code, native_module, triton_kernels
+from ._backends import cuda_stream, device_of, dtype_code, native_module, triton_kernels
 
 
 def _torch_compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+# ---- the row kernels: the one place that picks a kernel per backend --------------------------------------------
+
+
+@torch.library.custom_op("prefkern::logprobs_rows", mutates_args=("logp", "lse"))
+def logprobs_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, scale: float, backend: str,
+                  logp: torch.Tensor, lse: torch.Tensor) -> None:
+    """Row kernel: ``logp[n] = log_softmax(scale * logits[n])[labels[n]]`` (0 where ignored) and the row's
+    log-sum-exp into ``lse``, both fp32 [N]. ``logits`` [N, V] has unit column stride; ``labels`` int64;
+    ``backend`` is a concrete backend (``torch``, ``triton``, ``native`` or ``cuda``). Used by the logprobs op,
+    the chunked ``linear_logprobs`` paths and the fused-loss engine."""
+    n, v = logits.shape
+    if backend == "torch":
+        z = logits.to(_torch_compute_dtype(logits)) * scale
+        ignored = labels == ignore_index
+        # the max and the log of the sum stay apart: (z_y - m) - log s is exact to the log-prob's own rounding
+        m = z.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        log_s = torch.log(torch.exp(z - m).sum(dim=-1))
+        picked = z.gather(-1, labels.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1)
+        lse.copy_(m.squeeze(-1) + log_s)
+        logp.copy_(((picked - m.squeeze(-1)) - log_s).masked_fill(ignored, 0.0))
+        return
+    with device_of(logits):
+        if backend == "triton":
+            lp, ls = triton_kernels("logprobs").logprobs_forward(logits, labels, ignore_index, scale)
+            logp.copy_(lp)
+            lse.copy_(ls)
+            return
+        args = (logits.data_ptr(), dtype_code(logits), n, v, logits.stride(0), labels.data_ptr(), ignore_index,
+                scale, logp.data_ptr(), lse.data_ptr())
+        if backend == "native":
+            native_module().logprobs_forward_cpu(*args)
+        else:
+            native_module().logprobs_forward_cuda(*args, cuda_stream(logits))
+
+
+@logprobs_rows.register_fake
+def _(logits, labels, ignore_index, scale, backend, logp, lse):
+    return None
+
+
+@torch.library.custom_op("prefkern::logprobs_rows_grad", mutates_args=("out",))
+def logprobs_rows_grad(grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                       ignore_index: int, scale: float, backend: str, out: torch.Tensor) -> None:
+    """Row kernel of the backward: ``out[n] = grad[n] * scale * (onehot(labels[n]) - softmax(scale * logits[n]))``
+    (0 for ignored rows) from the forward's ``lse``. ``out`` [N, V] may be ``logits`` itself (in place, as the
+    chunked paths use it) or a new tensor in any float dtype."""
+    n, v = logits.shape
+    if backend == "torch":
+        dtype = _torch_compute_dtype(logits)
+        ignored = labels == ignore_index
+        p = torch.exp(logits.to(dtype) * scale - lse.to(dtype).unsqueeze(-1))
+        g = (grad.to(dtype) * scale).masked_fill(ignored, 0.0).unsqueeze(-1)
+        p.mul_(-g).scatter_add_(-1, labels.masked_fill(ignored, 0).unsqueeze(-1), g)
+        out.copy_(p)
+        return
+    with device_of(logits):
+        if backend == "triton":
+            if out.data_ptr() == logits.data_ptr():
+                triton_kernels("logprobs").logprobs_backward(grad, logits, labels, lse, ignore_index, scale, out=out)
+            else:
+                out.copy_(triton_kernels("logprobs").logprobs_backward(grad, logits, labels, lse, ignore_index, scale))
+            return
+        args = (grad.data_ptr(), logits.data_ptr(), dtype_code(logits), n, v, logits.stride(0), labels.data_ptr(),
+                ignore_index, scale, lse.data_ptr(), out.data_ptr(), out.stride(0))
+        if backend == "native":
+            native_module().logprobs_backward_cpu(*args)
+        else:
+            native_module().logprobs_backward_cuda(*args, cuda_stream(logits))
+
+
+@logprobs_rows_grad.register_fake
+def _(grad, logits, labels, lse, ignore_index, scale, backend, out):
+    return None
+
+
+# ---- the public op ------------------------------------------------------------------------------------------------
+
+
 @torch.library.custom_op("prefkern::logprobs_fwd", mutates_args=())
 def logprobs_fwd(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, temperature: float, backend: str
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Raw op: ``(logp [N], lse [N])`` in fp32. ``logits`` [N, V] has unit column stride; labels int64."""
+    """Raw op: ``(logp [N], lse [N])`` in fp32 (fp64 for fp64 logits). ``logits`` [N, V] has unit column stride;
+    labels int64."""
     n, v = logits.shape
-    scale = 1.0 / temperature
     chosen = resolve_backend(backend, logits.device, "logprobs")
     check_labels_in_range(labels, v, ignore_index, kernels_guard=chosen != "torch")
-    if chosen == "torch":
-        dtype = _torch_compute_dtype(logits)
-        logp = reference.logprobs(logits, labels, ignore_index, temperature, compute_dtype=dtype)
-        return logp, torch.logsumexp(logits.to(dtype) * scale, dim=-1)
-    if chosen == "triton":
-        return triton_kernels("logprobs").logprobs_forward(logits, labels, ignore_index, scale)
-    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
-    mod = native_module()
-    args = (logits.data_ptr(), dtype_code(logits), n, v, logits.stride(0), labels.data_ptr(), ignore_index,
-            scale, logp.data_ptr(), lse.data_ptr())
-    if chosen == "native":
-        mod.logprobs_forward_cpu(*args)
-    else:
-        mod.logprobs_forward_cuda(*args, cuda_stream(logits))
+    dtype = _torch_compute_dtype(logits) if chosen == "torch" else torch.float32
+    logp = torch.empty(n, dtype=dtype, device=logits.device)
+    lse = torch.empty(n, dtype=dtype, device=logits.device)
+    logprobs_rows(logits, labels, ignore_index, 1.0 / temperature, chosen, logp, lse)
     return logp, lse
 
 
@@ -56,25 +126,9 @@ def logprobs_bwd(
     ignore_index: int, temperature: float, backend: str,
 ) -> torch.Tensor:
     """Raw op: ``grad[n] * d logp[n] / d logits[n, :]`` as a new [N, V] tensor in the dtype of ``logits``."""
-    n, v = logits.shape
-    scale = 1.0 / temperature
     chosen = resolve_backend(backend, logits.device, "logprobs")
-    if chosen == "torch":
-        p = torch.exp(logits.to(_torch_compute_dtype(logits)) * scale - lse.unsqueeze(-1))
-        ignored = labels == ignore_index
-        onehot = torch.zeros_like(p).scatter_(-1, labels.masked_fill(ignored, 0).unsqueeze(-1), 1.0)
-        g = (grad * scale).masked_fill(ignored, 0.0).unsqueeze(-1)
-        return (g * (onehot - p)).to(logits.dtype)
-    if chosen == "triton":
-        return triton_kernels("logprobs").logprobs_backward(grad, logits, labels, lse, ignore_index, scale)
-    out = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
-    mod = native_module()
-    args = (grad.data_ptr(), logits.data_ptr(), dtype_code(logits), n, v, logits.stride(0), labels.data_ptr(),
-            ignore_index, scale, lse.data_ptr(), out.data_ptr(), out.stride(0))
-    if chosen == "native":
-        mod.logprobs_backward_cpu(*args)
-    else:
-        mod.logprobs_backward_cuda(*args, cuda_stream(logits))
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    logprobs_rows_grad(grad, logits, labels, lse, ignore_index, 1.0 / temperature, chosen, out)
     return out
 
 
@@ -151,14 +205,10 @@ def logprobs(
         raise ValueError("logits must have a vocabulary dimension V > 0")
     check_same_device(logits=logits, labels=labels)
     check_positive_finite("temperature", temperature)
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = check_integer("ignore_index", ignore_index)
     if logits.shape[1] > 1 and logits.stride(1) != 1:
         logits = logits.contiguous()
     labels = labels.to(torch.int64).contiguous()
-    if logits.dtype == torch.float64:
-        if backend not in ("auto", "torch"):
-            raise TypeError(f"float64 logits run on the 'torch' backend only, not {backend!r}")
-        backend = "torch"
+    backend = float64_backend("logits", logits, backend)
     logp, _ = logprobs_fwd(logits, labels, ignore_index, float(temperature), backend)
     return logp

@@ -1,0 +1,121 @@
+"""The fused-loss engine: one place decides eager or stream, resolves the backend and sizes the memory.
+
+Every front end (:class:`prefkern.FusedLinearPreferenceLoss`, :mod:`prefkern.compat.liger`, integrations)
+validates its own arguments, builds an :class:`~prefkern.fused.objective.Objective` for the batch and calls
+:func:`fused_loss`; data goes down from here to the kernels and never back up into a front end:
+
+    fused_loss -> eager_gradients (chunks of pairs: GEMM, row kernel, loss gradient, dX/dW GEMMs)
+               or linear_logprobs (stream: online log-sum-exp forward, recomputing backward)
+               -> objective.evaluate -> the catalog loss
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+from .._validation import check_labels_in_range, float64_backend
+from ..dispatch import resolve_backend
+from ..losses import PreferenceLossOutput
+from ..ops.linear_logprobs import default_chunk_rows, linear_logprobs
+from .eager import differentiable_token_logps, eager_gradients, loss_with_gradients
+from .objective import Objective
+
+MODES = ("auto", "stream", "eager")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs a call.
+
+    ignore_index : label of unscored positions. mode : ``"auto"`` (eager when a gradient is wanted, the objective
+    splits per pair and one unit's fp32 logits fit ``memory_budget``), ``"stream"`` or ``"eager"`` (eager whenever
+    it applies). backend : row kernels (``"auto"``, ``"native"``, ``"triton"``, ``"cuda"``, ``"torch"``).
+    memory_budget : bytes an eager chunk of fp32 logits may take (None: a tenth of free memory).
+    op : the front end's name, for messages.
+    """
+
+    ignore_index: int = -100
+    mode: str = "auto"
+    backend: str = "auto"
+    memory_budget: Optional[int] = None
+    op: str = "FusedLinearPreferenceLoss"
+
+
+@dataclass
+class FusedResult:
+    """``output``: the objective's output, ``loss`` differentiable (in eager mode its gradients were taken in
+    forward; backpropagate it once). ``token_logps``: [R, T] fp32, differentiable in both modes. ``eager``: the
+    mode taken."""
+
+    output: PreferenceLossOutput
+    token_logps: torch.Tensor
+    eager: bool
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """A tenth of the free memory of ``device`` (bytes)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 10
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024 // 10
+    except (OSError, KeyError, ValueError):
+        return 1 << 30
+
+
+def wants_gradient(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def fused_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+               objective: Objective, options: EngineOptions) -> FusedResult:
+    """``objective`` on the token log-probs of ``hidden @ weight.T + bias`` at ``labels``, logits never whole.
+
+    Parameters
+    ----------
+    hidden : [R, T, H] validated rows (``[chosen; rejected]``, or examples when ``objective.unpaired``).
+    weight : [V, H]; bias : [V] or None (same dtype as hidden).
+    labels : [R, T] int64 (already shifted), ``options.ignore_index`` off the completion.
+    objective : the loss bound to this batch; options : :class:`EngineOptions`.
+
+    Returns
+    -------
+    :class:`FusedResult`.
+    """
+    backend = resolve_backend(float64_backend("hidden", hidden, options.backend), hidden.device, options.op)
+    if options.mode == "stream" or backend == "torch" or not objective.per_pair \
+            or not wants_gradient(hidden, weight, bias):
+        return _stream(hidden, weight, bias, labels, objective, options, backend)
+    budget = options.memory_budget or default_memory_budget(hidden.device)
+    unit_rows = 1 if objective.unpaired else 2
+    if options.mode == "auto" and unit_rows * hidden.shape[1] * weight.shape[0] * 4 > budget:
+        return _stream(hidden, weight, bias, labels, objective, options, backend)
+    objective.check()  # input errors before any GEMM
+    check_labels_in_range(labels, weight.shape[0], options.ignore_index)
+    tok, lse, grads = eager_gradients(hidden, weight, bias, labels, options.ignore_index, objective, backend, budget)
+    tok = differentiable_token_logps(tok, hidden, weight, bias, labels, lse, options.ignore_index, backend,
+                                     default_chunk_rows(weight.shape[0], hidden.device))
+    out = objective.evaluate(tok)
+    return FusedResult(replace(out, loss=loss_with_gradients(out.loss, hidden, weight, bias, grads)), tok, True)
+
+
+def _stream(hidden, weight, bias, labels, objective, options, backend) -> FusedResult:
+    tok = linear_logprobs(hidden, weight, labels, bias, ignore_index=options.ignore_index, backend=backend)
+    return FusedResult(objective.evaluate(tok), tok, False)
+
+
+def token_logps_no_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        labels: torch.Tensor, ignore_index: int, backend: str) -> torch.Tensor:
+    """[R, T] fp32 token log-probs without gradient (a reference model's pass: one matmul unit)."""
+    with torch.no_grad():
+        return linear_logprobs(hidden.detach(), weight.detach(), labels, None if bias is None else bias.detach(),
+                               ignore_index=ignore_index, backend=backend)
+
+
+__all__ = ["EngineOptions", "FusedResult", "MODES", "default_memory_budget", "fused_loss", "token_logps_no_grad",
+           "wants_gradient"]

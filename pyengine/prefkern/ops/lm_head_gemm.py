@@ -1,0 +1,99 @@
+"""Every lm-head GEMM of the chunked and eager paths, with one precision policy per device (DESIGN.md section 4).
+
+- CUDA, bf16/fp16 inputs: the GEMMs run in the inputs' dtype on tensor cores with fp32 accumulation. The logits
+  chunk comes out in fp32 straight from the GEMM (``torch.mm(..., out_dtype=torch.float32)``); the logit gradient
+  goes back into the input dtype for the dX and dW GEMMs (fp16 scaled by a power of two per chunk, one host sync, so that
+  small gradients do not flush to zero); dW is accumulated across chunks in fp32. Never an fp32 copy of the head.
+- CPU (and fp32 inputs anywhere): fp32 GEMMs on one fp32 copy of the head per call, which measured fastest on the
+  CPU (MKL has no fast bf16 GEMM on the CI machines) and is exact to fp32 rounding.
+
+Memory per call: CPU fp32 ``V x H`` head copy (bf16/fp16 inputs only); GPU: the chunk's gradient in the input
+dtype (``k x V``, 2 bytes per entry) next to the fp32 logits chunk. dW in fp32 costs ``4 V H`` bytes on either
+device (the price of exact accumulation over chunks; rounding dW to bf16 after every chunk would lose the small
+contributions of late chunks).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+_TENSOR_CORE_DTYPES = (torch.bfloat16, torch.float16)
+_FP16_GRAD_TARGET = 2.0 ** 14  # largest power of two a chunk's |dz| max is scaled to (fp16 max is 65504)
+
+
+def gemm_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the lm-head GEMMs run in for ``weight``: its own on a GPU for bf16/fp16, fp32 otherwise."""
+    if weight.is_cuda and weight.dtype in _TENSOR_CORE_DTYPES:
+        return weight.dtype
+    return torch.float32
+
+
+class LmHeadGemms:
+    """The GEMMs of one call over one lm-head ``weight`` [V, H] (+ ``bias`` [V]), detached from autograd.
+
+    ``logits(x, out)``: ``out[k, V] = x @ W.T + b`` in fp32; ``grad_operand(dz)``: the logit gradient ``dz``
+    [k, V] (fp32) as the dX / dW GEMMs take it; ``grad_hidden(g)``: [k, H] fp32 ``dz @ W``;
+    ``accumulate_grad_weight(dw, g, x)``: ``dw[V, H] += dz.T @ x`` in fp32.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        self.dtype = gemm_dtype(weight)
+        self.weight = weight.detach().to(self.dtype)
+        self.bias = None if bias is None else bias.detach().to(torch.float32)
+
+    def operand(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach().to(self.dtype)
+
+    def logits(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.dtype == torch.float32:
+            torch.mm(self.operand(x), self.weight.t(), out=out)
+        else:
+            torch.mm(self.operand(x), self.weight.t(), out_dtype=torch.float32, out=out)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out
+
+    def grad_operand(self, dz: torch.Tensor) -> "GradOperand":
+        if self.dtype == torch.float32:
+            return GradOperand(dz, None)
+        if self.dtype == torch.float16:
+            # a power-of-two scale (one host sync per chunk, fp16 only); dividing it out again is exact
+            peak = max(float(dz.abs().amax()), torch.finfo(torch.float32).tiny)
+            scale = 2.0 ** math.floor(math.log2(_FP16_GRAD_TARGET / peak))
+            return GradOperand((dz * scale).to(self.dtype), scale)
+        return GradOperand(dz.to(self.dtype), None)
+
+    def grad_hidden(self, g: "GradOperand") -> torch.Tensor:
+        """[k, H] fp32."""
+        if self.dtype == torch.float32:
+            dx = torch.mm(g.value, self.weight)
+        else:
+            dx = torch.mm(g.value, self.weight, out_dtype=torch.float32)
+        return dx if g.scale is None else dx.mul_(1.0 / g.scale)
+
+    def accumulate_grad_weight(self, dw: torch.Tensor, g: "GradOperand", x: torch.Tensor) -> None:
+        if self.dtype == torch.float32:
+            dw.addmm_(g.value.t(), self.operand(x))
+        elif g.scale is None:
+            torch.addmm(dw, g.value.t(), self.operand(x), out_dtype=torch.float32, out=dw)
+        else:
+            torch.addmm(dw, g.value.t(), self.operand(x), out_dtype=torch.float32, alpha=1.0 / g.scale, out=dw)
+
+    @staticmethod
+    def grad_bias(dz: torch.Tensor) -> torch.Tensor:
+        return dz.sum(dim=0)
+
+
+class GradOperand:
+    """The logit gradient in the GEMM dtype, and the power-of-two scale it carries (fp16 only, else None)."""
+
+    __slots__ = ("value", "scale")
+
+    def __init__(self, value: torch.Tensor, scale: Optional[float]) -> None:
+        self.value, self.scale = value, scale
+
+
+__all__ = ["LmHeadGemms", "GradOperand", "gemm_dtype"]
