@@ -172,7 +172,7 @@ def test_kto_through_the_fused_module(loss_type, mode, int_labels):
     if loss_type == "kto":
         kl = dict(kl_policy_logps=seq(kl_hidden, weight, bias).detach(), kl_ref_logps=seq(kl_ref, weight, bias))
     expect = prefkern.preference_loss(loss_type, policy_logps=seq(x2, w2, b2), ref_logps=seq(ref_hidden, weight, bias),
-                                      labels=kto_labels, **kl)
+                                      desirable=kto_labels, **kl)
     assert_same_output(out, ours, expect, grads(expect, x2, w2, b2))
 
 

@@ -52,7 +52,7 @@ def test_shape_dtype_device_errors():
         L.sequence_logps(torch.zeros(2, 3), torch.ones(2, 4))
     with pytest.raises(ValueError, match=r"\[2B, \.\.\.\]"):
         L.split_chosen_rejected(torch.zeros(3, 2))
-    with pytest.raises(ValueError, match="labels must have shape"):
+    with pytest.raises(ValueError, match="desirable must have shape"):
         L.kto_loss(pc, rc, torch.tensor([True]), kl=0.0)
     with pytest.raises(ValueError, match="edited_weights must have the shape"):
         L.salt_loss(torch.zeros(1, 3) - 1, torch.ones(1, 2), torch.zeros(1, 2) - 1, torch.ones(1, 2))

@@ -10,7 +10,7 @@ The GEMMs and row kernels underneath are :mod:`prefkern.ops.lm_head_gemm` and :m
 """
 
 from .engine import EngineOptions, FusedResult, default_memory_budget, fused_loss, token_logps_no_grad
-from .objective import CatalogObjective, CatalogUnpairedObjective, Objective
+from .objective import CatalogObjective, CatalogUnpairedObjective, BatchObjective
 
 __all__ = ["EngineOptions", "FusedResult", "default_memory_budget", "fused_loss", "token_logps_no_grad",
-           "Objective", "CatalogObjective", "CatalogUnpairedObjective"]
+           "BatchObjective", "CatalogObjective", "CatalogUnpairedObjective"]

@@ -17,7 +17,7 @@ import torch
 from ..ops.linear_logprobs import linear_logprobs_bwd
 from ..ops.lm_head_gemm import LmHeadGemms
 from ..ops.logprobs import logprobs_rows, logprobs_rows_grad
-from .objective import Objective
+from .objective import BatchObjective
 
 EAGER_TOKENS_PER_CHUNK = {"cpu": 1024, "cuda": 4096}
 
@@ -33,7 +33,7 @@ def chunk_units(units: int, unit_rows: int, t: int, v: int, device: torch.device
 
 def eager_gradients(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-    ignore_index: int, objective: Objective, backend: str, budget: int,
+    ignore_index: int, objective: BatchObjective, backend: str, budget: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, Gradients]:
     """Token log-probs, their log-sum-exps and the gradients of ``objective``'s batch loss, chunk by chunk.
 
@@ -42,7 +42,7 @@ def eager_gradients(
     hidden : [R, T, H] rows (``[chosen; rejected]`` pairs, or examples when ``objective.unpaired``);
         weight : [V, H]; bias : [V] or None.
     labels : [R, T] int64 targets (already shifted), ``ignore_index`` off the completion.
-    objective : gives each chunk's share of the batch loss (:meth:`Objective.chunk_share`).
+    objective : gives each chunk's share of the batch loss (:meth:`BatchObjective.chunk_share`).
     backend : a concrete backend of the row kernels; budget : bytes of fp32 logits a chunk may take.
 
     Returns
@@ -96,7 +96,7 @@ def eager_gradients(
             dx_rows.index_copy_(0, scored, head.grad_hidden(dz))
             dx[rows] = dx_rows.view(nr, t, h)
         if need_dw:
-            head.accumulate_grad_weight(dw, dz, x)
+            dw = head.accumulate_grad_weight(dw, dz, x)
         if need_db:
             db.add_(head.grad_bias(z))
 

@@ -1,7 +1,7 @@
 """The fused-loss engine: one place decides eager or stream, resolves the backend and sizes the memory.
 
 Every front end (:class:`prefkern.FusedLinearPreferenceLoss`, :mod:`prefkern.compat.liger`, integrations)
-validates its own arguments, builds an :class:`~prefkern.fused.objective.Objective` for the batch and calls
+validates its own arguments, builds an :class:`~prefkern.fused.objective.BatchObjective` for the batch and calls
 :func:`fused_loss`; data goes down from here to the kernels and never back up into a front end:
 
     fused_loss -> eager_gradients (chunks of pairs: GEMM, row kernel, loss gradient, dX/dW GEMMs)
@@ -21,7 +21,7 @@ from ..dispatch import resolve_backend
 from ..losses import PreferenceLossOutput
 from ..ops.linear_logprobs import default_chunk_rows, linear_logprobs
 from .eager import differentiable_token_logps, eager_gradients, loss_with_gradients
-from .objective import Objective
+from .objective import BatchObjective
 
 MODES = ("auto", "stream", "eager")
 
@@ -73,7 +73,7 @@ def wants_gradient(*tensors: Optional[torch.Tensor]) -> bool:
 
 
 def fused_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-               objective: Objective, options: EngineOptions) -> FusedResult:
+               objective: BatchObjective, options: EngineOptions) -> FusedResult:
     """``objective`` on the token log-probs of ``hidden @ weight.T + bias`` at ``labels``, logits never whole.
 
     Parameters

@@ -1,13 +1,13 @@
 """What the fused engine optimises: a loss over token log-probs, and how a chunk of the batch gets its share.
 
-An :class:`Objective` is bound to one call's batch (mask, reference log-probs, labels of KTO). The engine hands it
+A :class:`BatchObjective` is bound to one call's batch (mask, reference log-probs, labels of KTO). The engine hands it
 token log-probs and asks for
 
-- :meth:`~Objective.evaluate`: the loss output of the whole batch (stream mode, and the reported values in eager
+- :meth:`~BatchObjective.evaluate`: the loss output of the whole batch (stream mode, and the reported values in eager
   mode);
-- :meth:`~Objective.chunk_share`: the share of the batch loss of pairs ``s..e-1`` (examples, when unpaired), whose
+- :meth:`~BatchObjective.chunk_share`: the share of the batch loss of pairs ``s..e-1`` (examples, when unpaired), whose
   gradient the eager pass takes inside forward; the batch loss must be the sum of the shares;
-- :meth:`~Objective.check`: input errors raised before any GEMM (a dry run on placeholder log-probs).
+- :meth:`~BatchObjective.check`: input errors raised before any GEMM (a dry run on placeholder log-probs).
 
 :class:`CatalogObjective` serves every paired loss of the catalog through :func:`prefkern.preference_loss`;
 :class:`CatalogUnpairedObjective` serves KTO and APO-zero-unpaired.
@@ -26,7 +26,7 @@ from ..losses.registry import loss_entry
 SequenceLogps = Tuple[torch.Tensor, torch.Tensor]  # (chosen [B], rejected [B])
 
 
-class Objective:
+class BatchObjective:
     """Interface the engine calls; ``unpaired``: rows are examples, not ``[chosen; rejected]`` pairs;
     ``per_pair``: the batch loss is a sum of chunk shares (eager mode applies)."""
 
@@ -47,7 +47,7 @@ def empty_rows(mask: torch.Tensor) -> list:
     return (~mask.any(dim=1)).nonzero().flatten().tolist()
 
 
-class CatalogObjective(Objective):
+class CatalogObjective(BatchObjective):
     """A paired catalog loss (``loss_type`` of :func:`prefkern.preference_loss`) on ``[chosen; rejected]`` rows.
 
     Parameters
@@ -81,7 +81,7 @@ class CatalogObjective(Objective):
 
     # ---- batch preparation --------------------------------------------------------------------------------
 
-    def _batch(self, token_logps: torch.Tensor, mask: torch.Tensor, ref_seq: Optional[SequenceLogps],
+    def _sequence_batch(self, token_logps: torch.Tensor, mask: torch.Tensor, ref_seq: Optional[SequenceLogps],
                ref_tokens: Optional[torch.Tensor]) -> PreferenceBatch:
         batch = preference_batch(token_logps, mask, ref_tokens, ld_alpha=self.ld_alpha,
                                  empty_completions=self.empty_completions)
@@ -118,7 +118,7 @@ class CatalogObjective(Objective):
             rows = empty_rows(self.mask)
             if rows:
                 raise ValueError(self.empty_rows_message.format(rows=rows))
-        batch = self._batch(token_logps, self.mask, self.ref_seq, self.ref_tokens)
+        batch = self._sequence_batch(token_logps, self.mask, self.ref_seq, self.ref_tokens)
         if self.chosen_nll is not None:
             batch = replace(batch, chosen_nll=self.chosen_nll)
         elif batch.chosen_nll is None:
@@ -130,7 +130,7 @@ class CatalogObjective(Objective):
         ref_seq = None if self.ref_seq is None else (self.ref_seq[0][s:e], self.ref_seq[1][s:e])
         ref_tokens = None if self.ref_tokens is None else self.ref_tokens[rows]
         mask = self.mask[rows]
-        batch = self._batch(token_logps, mask, ref_seq, ref_tokens)
+        batch = self._sequence_batch(token_logps, mask, ref_seq, ref_tokens)
         if self.chosen_nll is not None:
             nll = self.chosen_nll  # a constant: each chunk's c / b share of it sums to it
         else:
@@ -139,7 +139,7 @@ class CatalogObjective(Objective):
         return self._loss(replace(batch, chosen_nll=nll)).loss * (c / self.b)
 
 
-class CatalogUnpairedObjective(Objective):
+class CatalogUnpairedObjective(BatchObjective):
     """KTO / APO-zero-unpaired of the catalog on ``[B, T]`` example rows.
 
     ``ref`` [B] reference sequence log-probs, ``desirable`` [B] bool, ``kl_kwargs`` the KL reference point's
@@ -176,4 +176,4 @@ class CatalogUnpairedObjective(Objective):
         return out.loss * ((e - s) / self.mask.shape[0])
 
 
-__all__ = ["Objective", "CatalogObjective", "CatalogUnpairedObjective", "empty_rows"]
+__all__ = ["BatchObjective", "CatalogObjective", "CatalogUnpairedObjective", "empty_rows"]

@@ -63,7 +63,7 @@ def kto_weights_in_range(n_desirable: int, n_undesirable: int, desirable_weight:
 def kto_loss(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor,
-    labels: torch.Tensor,
+    desirable: Optional[torch.Tensor] = None,
     *,
     kl_policy_logps: Optional[torch.Tensor] = None,
     kl_ref_logps: Optional[torch.Tensor] = None,
@@ -73,6 +73,7 @@ def kto_loss(
     undesirable_weight: float = 1.0,
     loss_type: str = "kto",
     warn_imbalance: bool = False,
+    labels: Optional[torch.Tensor] = None,
 ) -> PreferenceLossOutput:
     """KTO loss on an unpaired batch.
 
@@ -88,7 +89,7 @@ def kto_loss(
     ----------
     policy_logps, ref_logps : torch.Tensor
         ``[N]`` summed completion log-probs (reference detached).
-    labels : torch.Tensor
+    desirable : torch.Tensor
         ``[N]`` bool (or 0/1 integer): True = desirable.
     kl_policy_logps, kl_ref_logps : torch.Tensor, optional
         ``[M]`` summed log-probs of the mismatched completions (``kto`` needs these
@@ -114,23 +115,28 @@ def kto_loss(
         desirable), ``rewards/rejected``, ``logps/rejected`` (if any undesirable),
         ``rewards/margins`` (if both).
     """
+    if labels is not None:
+        if desirable is not None:
+            raise TypeError("pass desirable (labels is its deprecated name), not both")
+        warnings.warn("kto_loss(labels=...) is deprecated: pass desirable=...", DeprecationWarning, stacklevel=2)
+        desirable = labels
     if loss_type not in KTO_LOSS_TYPES:
         raise ValueError(f"unknown KTO loss_type {loss_type!r}; expected one of {KTO_LOSS_TYPES}")
     beta = check_number("beta", beta, low=0.0, low_open=True)
     wd = check_number("desirable_weight", desirable_weight, low=0.0)
     wu = check_number("undesirable_weight", undesirable_weight, low=0.0)
     pol, ref = sequence_inputs([("policy_logps", policy_logps), ("ref_logps", ref_logps)])
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor of shape [N] (bool), got {type(labels).__name__}")
-    if labels.shape != pol.shape:
-        raise ValueError(f"labels must have shape {tuple(pol.shape)} ([N]), got {tuple(labels.shape)}")
-    check_same_device(policy_logps=pol, labels=labels)
-    if labels.dtype != torch.bool:
-        if labels.is_floating_point() or labels.is_complex():
-            raise TypeError(f"labels must be bool or an integer 0/1 tensor, got {labels.dtype}")
-        if labels.device.type != "meta" and not bool(((labels == 0) | (labels == 1)).all()):
-            raise ValueError("labels must contain only 0 and 1")
-        labels = labels != 0
+    if not isinstance(desirable, torch.Tensor):
+        raise TypeError(f"desirable must be a torch.Tensor of shape [N] (bool), got {type(desirable).__name__}")
+    if desirable.shape != pol.shape:
+        raise ValueError(f"desirable must have shape {tuple(pol.shape)} ([N]), got {tuple(desirable.shape)}")
+    check_same_device(policy_logps=pol, desirable=desirable)
+    if desirable.dtype != torch.bool:
+        if desirable.is_floating_point() or desirable.is_complex():
+            raise TypeError(f"desirable must be bool or an integer 0/1 tensor, got {desirable.dtype}")
+        if desirable.device.type != "meta" and not bool(((desirable == 0) | (desirable == 1)).all()):
+            raise ValueError("desirable must contain only 0 and 1")
+        desirable = desirable != 0
     ref = ref.detach()
     if loss_type == "kto":
         if kl is not None:
@@ -152,20 +158,20 @@ def kto_loss(
     else:
         des = wd * (1.0 - torch.sigmoid(beta * r))
         und = wu * torch.sigmoid(beta * r)
-    losses = torch.where(labels, des, und)
-    n_d, n_u = int(labels.sum()), int((~labels).sum())
+    losses = torch.where(desirable, des, und)
+    n_d, n_u = int(desirable.sum()), int((~desirable).sum())
     if warn_imbalance and not kto_weights_in_range(n_d, n_u, wd, wu):
         warnings.warn(f"KTO weights desirable={wd}, undesirable={wu} are outside the range recommended for "
                       f"{n_d} desirable / {n_u} undesirable examples (paper Eq. 8)", stacklevel=2)
     rewards = beta * r.detach()
-    chosen_rewards, rejected_rewards = rewards[labels], rewards[~labels]
+    chosen_rewards, rejected_rewards = rewards[desirable], rewards[~desirable]
     metrics = {"kl": z0.detach()}
     if n_d:
         metrics["rewards/chosen"] = chosen_rewards.mean()
-        metrics["logps/chosen"] = pol.detach()[labels].mean()
+        metrics["logps/chosen"] = pol.detach()[desirable].mean()
     if n_u:
         metrics["rewards/rejected"] = rejected_rewards.mean()
-        metrics["logps/rejected"] = pol.detach()[~labels].mean()
+        metrics["logps/rejected"] = pol.detach()[~desirable].mean()
     if n_d and n_u:
         metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     return finish(f"kto_loss({loss_type})", losses.mean(), losses, chosen_rewards, rejected_rewards, metrics)

@@ -55,8 +55,10 @@ def scored_rows(labels: torch.Tensor, ignore_index: int) -> Optional[torch.Tenso
     return None if idx.numel() == labels.numel() else idx
 
 
-def _pick(rows: Optional[torch.Tensor], s: int, e: int):
-    return slice(s, e) if rows is None else rows[s:e]
+def _take(t: torch.Tensor, rows: Optional[torch.Tensor], s: int, e: int) -> torch.Tensor:
+    """Rows ``s..e-1`` of the selection: a view when every row is selected, else a gather. (``narrow`` and
+    ``index_select``, not ``t[...]``: Python indexing of a fake CUDA tensor needs a CUDA runtime.)"""
+    return t.narrow(0, s, e - s) if rows is None else t.index_select(0, rows.narrow(0, s, e - s))
 
 
 def chunked_forward(hidden, weight, bias, labels, ignore_index, backend, chunk_rows):
@@ -73,13 +75,14 @@ def chunked_forward(hidden, weight, bias, labels, ignore_index, backend, chunk_r
     buf = torch.empty((min(chunk_rows, m), v), dtype=torch.float32, device=hidden.device)
     for s in range(0, m, chunk_rows):
         e = min(m, s + chunk_rows)
-        sel = _pick(rows, s, e)
-        z = head.logits(hidden[sel], buf[: e - s])
+        z = head.logits(_take(hidden, rows, s, e), buf.narrow(0, 0, e - s))
+        y = _take(labels, rows, s, e)
         if rows is None:
-            logprobs_rows(z, labels[sel], ignore_index, 1.0, backend, logp[sel], lse[sel])
+            logprobs_rows(z, y, ignore_index, 1.0, backend, logp.narrow(0, s, e - s), lse.narrow(0, s, e - s))
         else:
             part_logp, part_lse = logp.new_empty(e - s), lse.new_empty(e - s)
-            logprobs_rows(z, labels[sel], ignore_index, 1.0, backend, part_logp, part_lse)
+            logprobs_rows(z, y, ignore_index, 1.0, backend, part_logp, part_lse)
+            sel = rows.narrow(0, s, e - s)
             logp.index_copy_(0, sel, part_logp)
             lse.index_copy_(0, sel, part_lse)
     return logp, lse
@@ -103,18 +106,18 @@ def chunked_backward(grad, hidden, weight, bias, labels, lse, ignore_index, back
     buf = torch.empty((min(chunk_rows, m), v), dtype=torch.float32, device=dev)
     for s in range(0, m, chunk_rows):
         e = min(m, s + chunk_rows)
-        sel = _pick(rows, s, e)
-        x = hidden[sel]
-        z = head.logits(x, buf[: e - s])
-        logprobs_rows_grad(grad[sel].contiguous(), z, labels[sel], lse[sel].contiguous(), ignore_index, 1.0, backend, z)
+        x = _take(hidden, rows, s, e)
+        z = head.logits(x, buf.narrow(0, 0, e - s))
+        logprobs_rows_grad(_take(grad, rows, s, e).contiguous(), z, _take(labels, rows, s, e),
+                           _take(lse, rows, s, e).contiguous(), ignore_index, 1.0, backend, z)
         dz = head.grad_operand(z)
         if need_dx:
             if rows is None:
-                dx[sel] = head.grad_hidden(dz)
+                head.grad_hidden(dz, out=dx.narrow(0, s, e - s))
             else:
-                dx.index_copy_(0, sel, head.grad_hidden(dz))
+                dx.index_copy_(0, rows.narrow(0, s, e - s), head.grad_hidden(dz))
         if need_dw:
-            head.accumulate_grad_weight(dw, dz, x)
+            dw = head.accumulate_grad_weight(dw, dz, x)
         if need_db:
             db.add_(head.grad_bias(z))
     return dx, dw, db

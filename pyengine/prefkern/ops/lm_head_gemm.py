@@ -36,7 +36,7 @@ class LmHeadGemms:
 
     ``logits(x, out)``: ``out[k, V] = x @ W.T + b`` in fp32; ``grad_operand(dz)``: the logit gradient ``dz``
     [k, V] (fp32) as the dX / dW GEMMs take it; ``grad_hidden(g)``: [k, H] fp32 ``dz @ W``;
-    ``accumulate_grad_weight(dw, g, x)``: ``dw[V, H] += dz.T @ x`` in fp32.
+    ``accumulate_grad_weight(dw, g, x)``: ``dw[V, H] + dz.T @ x`` in fp32.
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
@@ -66,21 +66,24 @@ class LmHeadGemms:
             return GradOperand((dz * scale).to(self.dtype), scale)
         return GradOperand(dz.to(self.dtype), None)
 
-    def grad_hidden(self, g: "GradOperand") -> torch.Tensor:
-        """[k, H] fp32."""
+    def grad_hidden(self, g: "GradOperand", out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[k, H] fp32 ``dz @ W`` (into ``out`` when given)."""
         if self.dtype == torch.float32:
-            dx = torch.mm(g.value, self.weight)
+            dx = torch.mm(g.value, self.weight, out=out) if out is not None else torch.mm(g.value, self.weight)
+        elif out is not None:
+            dx = torch.mm(g.value, self.weight, out_dtype=torch.float32, out=out)
         else:
             dx = torch.mm(g.value, self.weight, out_dtype=torch.float32)
         return dx if g.scale is None else dx.mul_(1.0 / g.scale)
 
-    def accumulate_grad_weight(self, dw: torch.Tensor, g: "GradOperand", x: torch.Tensor) -> None:
+    def accumulate_grad_weight(self, dw: torch.Tensor, g: "GradOperand", x: torch.Tensor) -> torch.Tensor:
+        """``dw + dz.T @ x`` in fp32: ``dw`` itself updated on the fp32 path, a new tensor on the tensor-core path
+        (cuBLAS's mixed-dtype ``addmm`` writes a new fp32 result; the old one is freed at once, so the peak is
+        two fp32 dW for the length of one GEMM)."""
         if self.dtype == torch.float32:
-            dw.addmm_(g.value.t(), self.operand(x))
-        elif g.scale is None:
-            torch.addmm(dw, g.value.t(), self.operand(x), out_dtype=torch.float32, out=dw)
-        else:
-            torch.addmm(dw, g.value.t(), self.operand(x), out_dtype=torch.float32, alpha=1.0 / g.scale, out=dw)
+            return dw.addmm_(g.value.t(), self.operand(x))
+        alpha = 1.0 if g.scale is None else 1.0 / g.scale
+        return torch.addmm(dw, g.value.t(), self.operand(x), out_dtype=torch.float32, alpha=alpha)
 
     @staticmethod
     def grad_bias(dz: torch.Tensor) -> torch.Tensor:

@@ -32,13 +32,16 @@ def logprobs_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
     if backend == "torch":
         z = logits.to(_torch_compute_dtype(logits)) * scale
         ignored = labels == ignore_index
-        # the max and the log of the sum stay apart: (z_y - m) - log s is exact to the log-prob's own rounding
+        # the max and the log of the sum stay apart, and the max's own term (exactly 1) is taken out of the sum:
+        # (z_y - m) - log1p(sum of the others) is exact to the log-prob's own rounding, not to one ulp of |lse|
         m = z.amax(dim=-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        log_s = torch.log(torch.exp(z - m).sum(dim=-1))
+        e = torch.exp(z - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+        e.scatter_(-1, z.argmax(dim=-1, keepdim=True), 0.0)
+        log_s = torch.log1p(e.sum(dim=-1))
+        m = m.squeeze(-1)
         picked = z.gather(-1, labels.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1)
-        lse.copy_(m.squeeze(-1) + log_s)
-        logp.copy_(((picked - m.squeeze(-1)) - log_s).masked_fill(ignored, 0.0))
+        lse.copy_(m + log_s)
+        logp.copy_(((picked - m) - log_s).masked_fill(ignored, 0.0))
         return
     with device_of(logits):
         if backend == "triton":

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..._validation import check_flag, check_integer, check_lm_head, check_number, check_tensor
 from ...fused.engine import EngineOptions, FusedResult, fused_loss, token_logps_no_grad
-from ...fused.objective import Objective, empty_rows
+from ...fused.objective import BatchObjective, empty_rows
 from ...losses import chosen_nll, sequence_logps
 
 LigerOutput = Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]
@@ -98,7 +98,7 @@ class LigerLoss(nn.Module):
         return detached(chosen, rejected, *means, nll, out.chosen_rewards, out.rejected_rewards, *extra)
 
     def run(self, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
-            objective: Objective) -> FusedResult:
+            objective: BatchObjective) -> FusedResult:
         return fused_loss(hidden, weight, bias, target, objective, self.engine_options)
 
     def reference_logps(self, ref_input: object, ref_weight: object, ref_bias: object, lin_weight: torch.Tensor,

@@ -13,7 +13,7 @@ import torch
 from ..._validation import (
     check_finite, check_flag, check_floating, check_number, check_same_device, compute_dtype,
 )
-from ...fused.objective import Objective
+from ...fused.objective import BatchObjective
 from ...losses import PreferenceLossOutput, sequence_logps
 from ._base import LigerLoss, LigerOutput, check_scored, detached, row_logit_sums
 
@@ -53,7 +53,7 @@ def _kl_point(kl: object, n: int, like: torch.Tensor) -> Optional[torch.Tensor]:
     return kl.reshape(()) if kl.numel() == 1 else kl
 
 
-class LigerKTOObjective(Objective):
+class LigerKTOObjective(BatchObjective):
     """``1 - sigma(beta (r - kl) s)`` per example (``s = +1`` desirable, ``-1`` undesirable), meaned over the
     batch; ``r`` the policy sequence log-prob minus the reference's (sum, or mean with ``average``)."""
 

@@ -1,0 +1,155 @@
+"""The fused-loss engine and the lm-head GEMM policy: what a CPU machine can prove of the GPU paths.
+
+Fake CUDA tensors (``FakeTensorMode``) run the chunked paths' Python on a CPU-only torch: every GEMM they issue
+is recorded with its operand dtypes. Autograd on fake CUDA tensors aborts, so the backward is traced by calling
+its (no-grad) implementation directly.
+"""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import prefkern
+from prefkern.ops.linear_logprobs import chunked_backward, chunked_forward
+from prefkern.ops.lm_head_gemm import LmHeadGemms, gemm_dtype
+
+GEMMS = ("mm", "addmm", "bmm")
+
+
+class RecordTensors(TorchDispatchMode):
+    """Every GEMM's tensor operands and every tensor any op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.gemms, self.outputs = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.split(".")[0] in GEMMS:
+            self.gemms.append((func.__name__, [a.dtype for a in args if isinstance(a, torch.Tensor)]))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.outputs.append((func.__name__, tuple(t.shape), t.dtype))
+        return out
+
+
+def fake_cuda_inputs(n=12, h=16, v=50, dtype=torch.bfloat16):
+    hidden = torch.randn(n, h, dtype=dtype, device="cuda")
+    weight = torch.randn(v, h, dtype=dtype, device="cuda")
+    labels = torch.randint(0, v, (n,), device="cuda")
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_chunked_forward_gemms_run_in_the_input_dtype(dtype):
+    with FakeTensorMode():
+        hidden, weight, labels = fake_cuda_inputs(dtype=dtype)
+        with RecordTensors() as rec:
+            logp, lse = chunked_forward(hidden, weight, None, labels, -100, "triton", 5)
+    assert logp.dtype == lse.dtype == torch.float32
+    assert len(rec.gemms) == 3  # 12 rows in chunks of 5
+    for name, dtypes in rec.gemms:
+        assert dtypes == [dtype, dtype], (name, dtypes)
+    v_by_h = tuple(weight.shape)
+    assert not [o for o in rec.outputs if o[1] == v_by_h and o[2] == torch.float32], "an fp32 copy of the head"
+
+
+def test_gpu_chunked_backward_gemms_run_in_the_input_dtype():
+    with FakeTensorMode():
+        hidden, weight, labels = fake_cuda_inputs()
+        grad = torch.ones(hidden.shape[0], device="cuda")
+        lse = torch.zeros(hidden.shape[0], device="cuda")
+        with RecordTensors() as rec:
+            dx, dw, _ = chunked_backward(grad, hidden, weight, None, labels, lse, -100, "triton", 5, True, True, False)
+    assert dx.dtype == dw.dtype == torch.float32
+    # per chunk: logits, dX, dW (accumulated in fp32: the first operand of addmm is the fp32 accumulator)
+    assert [name.split(".")[0] for name, _ in rec.gemms] == ["mm", "mm", "addmm"] * 3
+    for name, dtypes in rec.gemms:
+        operands = dtypes[1:] if name.startswith("addmm") else dtypes
+        assert operands == [torch.bfloat16, torch.bfloat16], (name, dtypes)
+    fp32_heads = [o for o in rec.outputs if o[1] == tuple(weight.shape) and o[2] == torch.float32]
+    assert all(name.startswith(("zeros", "addmm")) for name, _, _ in fp32_heads), fp32_heads  # dW only
+
+
+def test_linear_logprobs_no_grad_forward_traces_with_fake_cuda_tensors():
+    with FakeTensorMode(), torch.no_grad():
+        hidden, weight, labels = fake_cuda_inputs()
+        logp = prefkern.linear_logprobs(hidden.view(3, 4, -1), weight, labels.view(3, 4))
+    assert logp.shape == (3, 4) and logp.dtype == torch.float32 and logp.device.type == "cuda"
+
+
+def test_gemm_policy_per_device():
+    with FakeTensorMode():
+        for dtype in (torch.bfloat16, torch.float16):
+            assert gemm_dtype(torch.empty(4, 4, dtype=dtype, device="cuda")) == dtype
+        assert gemm_dtype(torch.empty(4, 4, device="cuda")) == torch.float32
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert gemm_dtype(torch.empty(4, 4, dtype=dtype)) == torch.float32  # CPU: fp32 GEMMs measured fastest
+
+
+def test_cpu_gemms_match_float64():
+    """The CPU policy (fp32 GEMMs on bf16 inputs) against float64, per output: logits, dX, dW."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 33, generator=g).to(torch.bfloat16)
+    w = torch.randn(45, 33, generator=g).to(torch.bfloat16)
+    b = torch.randn(45, generator=g).to(torch.bfloat16)
+    dz = torch.randn(7, 45, generator=g)
+    head = LmHeadGemms(w, b)
+    z = head.logits(x, torch.empty(7, 45))
+    torch.testing.assert_close(z.double(), x.double() @ w.double().t() + b.double(), atol=1e-5, rtol=1e-5)
+    op = head.grad_operand(dz)
+    torch.testing.assert_close(head.grad_hidden(op).double(), dz.double() @ w.double(), atol=1e-5, rtol=1e-5)
+    dw = head.accumulate_grad_weight(torch.zeros(45, 33), op, x)
+    torch.testing.assert_close(dw.double(), dz.double().t() @ x.double(), atol=1e-5, rtol=1e-5)
+
+
+def _pair_inputs(seed=0, b=3, t=9, h=12, v=40):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2 * b, t, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * 0.3
+    labels = torch.randint(0, v, (2 * b, t), generator=g)
+    labels[:, :2] = -100
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "simpo", "orpo"])
+def test_eager_losses_carry_the_stream_gradient(loss_type):
+    """Per-pair losses built by the caller from ``out.losses`` train the same in eager and stream mode."""
+    hidden, weight, labels = _pair_inputs()
+    ref = torch.randn(hidden.shape[0]) - 20.0
+    pair_weights = torch.tensor([0.3, 1.0, 2.0])
+    grads = {}
+    for mode in ("eager", "stream"):
+        x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        kw = {"ref_logps": ref} if loss_type == "sigmoid" else {}
+        out = prefkern.FusedLinearPreferenceLoss(loss_type, mode=mode)(x, w, labels, **kw)
+        assert out.losses.requires_grad, mode
+        (out.losses * pair_weights).sum().backward()
+        grads[mode] = (x.grad, w.grad)
+    for a, e in zip(grads["eager"], grads["stream"]):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+
+
+def test_eager_loss_and_losses_together():
+    """``loss`` (gradients from forward) and ``losses`` (recomputed) in one backward: their gradients add."""
+    hidden, weight, labels = _pair_inputs(seed=1)
+    ref = torch.randn(hidden.shape[0]) - 20.0
+    results = {}
+    for mode in ("eager", "stream"):
+        x = hidden.clone().requires_grad_()
+        out = prefkern.FusedLinearPreferenceLoss("sigmoid", mode=mode)(x, weight, labels, ref_logps=ref)
+        (out.loss + 0.5 * out.losses[0]).backward()
+        results[mode] = x.grad
+    torch.testing.assert_close(results["eager"], results["stream"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("offset", [0.0, 300.0, 1e4])
+def test_torch_row_kernel_keeps_max_and_log_sum_apart(offset):
+    """A confident token: log p = -log(1 + e^-16) = -1.125e-7 at any offset of the row, and the other token's
+    -16, against float64 (fp32 rounding of the log-prob itself: relative 1e-6)."""
+    logits = torch.tensor([[16.0 + offset, offset], [16.0 + offset, offset]])
+    labels = torch.tensor([0, 1])
+    truth = torch.log_softmax(logits.double(), -1).gather(1, labels[:, None])[:, 0]
+    got = prefkern.logprobs(logits, labels, backend="torch")
+    torch.testing.assert_close(got.double(), truth, atol=0, rtol=1e-6)
