@@ -25,9 +25,11 @@ __device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
 
 }  // namespace prefkern::cuda
 
-#define PREFKERN_DISPATCH_DTYPE(dtype, T, ...)        \
-  switch (dtype) {                                    \
-    case 0: { using T = float; __VA_ARGS__; break; }  \
-    case 1: { using T = __nv_bfloat16; __VA_ARGS__; break; } \
-    default: { using T = __half; __VA_ARGS__; break; } \
+// Used in host functions that return an error string; the bindings reject unknown codes before this.
+#define PREFKERN_DISPATCH_DTYPE(dtype, T, ...)                  \
+  switch (dtype) {                                              \
+    case 0: { using T = float; __VA_ARGS__; break; }            \
+    case 1: { using T = __nv_bfloat16; __VA_ARGS__; break; }    \
+    case 2: { using T = __half; __VA_ARGS__; break; }           \
+    default: return "unknown dtype code (0 = f32, 1 = bf16, 2 = f16)"; \
   }
