@@ -190,8 +190,10 @@ def linear_lse_forward(
     m, s, zy = part[0], part[1], part[2]
     top = m.max(dim=0).values
     safe_top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    lse = safe_top + torch.log((s * torch.exp(m - safe_top)).sum(dim=0))
-    logp = torch.where(labels == ignore_index, torch.zeros_like(lse), zy.sum(dim=0) - lse)
+    log_s = torch.log((s * torch.exp(m - safe_top)).sum(dim=0))
+    lse = safe_top + log_s
+    # (z_y - max) - log s, never z_y - lse: the rounding of lse is one ulp of |lse|
+    logp = torch.where(labels == ignore_index, torch.zeros_like(lse), (zy.sum(dim=0) - safe_top) - log_s)
     # an out-of-range label (unchecked under graph capture) matched no column: NaN, not -lse
     logp = torch.where((labels != ignore_index) & ((labels < 0) | (labels >= v)), torch.full_like(lse, float("nan")), logp)
     return logp, lse

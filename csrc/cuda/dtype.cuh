@@ -17,9 +17,10 @@ template <> __device__ __forceinline__ __half from_float<__half>(float x) { retu
 struct MaxSum {
   float m, s;
 };
+// A NaN logit never becomes the max (fmaxf drops it) but makes s NaN; the -inf case keeps that NaN.
 __device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
   float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return {m, 0.f};
+  if (m == -INFINITY) return {m, a.s + b.s};
   return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
 }
 
