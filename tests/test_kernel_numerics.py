@@ -200,3 +200,38 @@ def test_nan_logit_makes_its_row_nan(backend, dtype):
     expected_nan = torch.tensor([True, True, True, False, True, True])
     assert torch.equal(torch.isnan(ours), expected_nan), ours.tolist()
     assert ours[3].item() == pytest.approx(-math.log(v), rel=1e-6)
+
+
+# ---- 4. Triton tile backward: ignored rows -------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_tile_backward_ignored_row_with_huge_logits(bias):
+    if "triton" not in cpu_backends():
+        pytest.skip("triton is not importable")
+    n, h, v = 10, 8, 40
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * 0.5
+    b = torch.randn(v, generator=g) if bias else None
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[4] = -100
+    # the ignored row shares its token tile with the others; its logit for column 0 is far above 88.7,
+    # where exp(z - 0) overflows (ignored rows carry lse = 0)
+    hidden[4] = 40.0 * torch.sign(weight[0])
+    assert (hidden[4] @ weight.t()).max() > 100
+    upstream = torch.randn(n, generator=g)
+
+    def grads(x, w, bb, **kw):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w) + ((bb,) if bb is not None else ())]
+        out = prefkern.linear_logprobs(leaves[0], leaves[1], labels, leaves[2] if bb is not None else None, **kw)
+        (out * upstream.to(out.dtype)).sum().backward()
+        return out, [t.grad for t in leaves]
+
+    out, tiles = grads(hidden, weight, b, backend="triton", deterministic=False)
+    out64, ref = grads(hidden.double(), weight.double(), b.double() if bias else None, backend="torch")
+    assert out[4].item() == 0.0
+    for name, ours, r in zip(("dX", "dW", "db"), tiles, ref):
+        assert torch.isfinite(ours).all(), f"{name} has non-finite entries"
+        torch.testing.assert_close(ours.double(), r, rtol=1e-4, atol=1e-5, msg=name)
+    assert torch.all(tiles[0][4] == 0)
