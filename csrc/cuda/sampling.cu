@@ -68,10 +68,6 @@ __device__ Best block_best(Best b, Best* smem) {
   return acc;
 }
 
-__device__ __forceinline__ float gumbel(uint32_t key, uint32_t column) {
-  return -__logf(-__logf(sampling_uniform(key, column)));
-}
-
 // sup{t : G(t) >= target} with G(t) = sum of w(z) over z >= max(t, base); `target` is `goal` itself
 // (absolute) or goal * G(lo) (fraction of the mass above `lo`, found in the first pass).
 template <class T, bool MASS>
@@ -152,7 +148,7 @@ __global__ void __launch_bounds__(kThreads, FILTERED ? 1 : 2) sample_kernel(
       } else {
         s += __expf(z - m_run);
       }
-      float gk = greedy ? z : z + gumbel(key, static_cast<uint32_t>(v));
+      float gk = greedy ? z : z + sampling_gumbel(key, static_cast<uint32_t>(v));
       if (gk > best.key) best = Best{gk, v, z};
     }
   });
@@ -187,7 +183,7 @@ __global__ void __launch_bounds__(kThreads, FILTERED ? 1 : 2) sample_kernel(
     float z = x * inv_t;
     if (!(z >= t)) return;
     sum[0] += __expf(z - m);
-    float gk = z + gumbel(key, static_cast<uint32_t>(v));
+    float gk = z + sampling_gumbel(key, static_cast<uint32_t>(v));
     if (gk > best.key) best = Best{gk, v, z};
   });
   block_reduce(sum, Sum{}, smem);
