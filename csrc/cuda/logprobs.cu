@@ -59,11 +59,13 @@ __global__ void __launch_bounds__(kThreads) logprobs_forward_kernel(
   }
 }
 
+// out may be logits itself (the chunked linear_logprobs backward works in place): no __restrict__ on
+// either; each element is read before the same thread writes it.
 template <class T>
 __global__ void __launch_bounds__(kThreads) logprobs_backward_kernel(
-    const float* __restrict__ grad, const T* __restrict__ logits, int64_t vocab, int64_t row_stride,
+    const float* __restrict__ grad, const T* logits, int64_t vocab, int64_t row_stride,
     const int64_t* __restrict__ labels, int64_t ignore_index, float scale, const float* __restrict__ lse,
-    T* __restrict__ out, int64_t out_stride, int64_t chunks_per_row) {
+    T* out, int64_t out_stride, int64_t chunks_per_row) {
   const int64_t n = blockIdx.x / chunks_per_row;
   const int64_t v0 = (blockIdx.x % chunks_per_row) * kBackwardChunk;
   const int64_t v1 = min(vocab, v0 + kBackwardChunk);
