@@ -10,6 +10,7 @@
 #include "cpu/ensemble.h"
 #include "cpu/parallel.h"
 #include "cpu/sampling.h"
+#include "cpu/simd_math.h"
 #ifdef PREFKERN_HAS_CUDA
 #include "cuda/ensemble.h"
 #include "cuda/logprobs.h"
@@ -43,6 +44,7 @@ NB_MODULE(_native, m) {
   m.def("logprobs_forward_cpu",
         [](u64 logits, int dtype, int64_t n, int64_t v, int64_t stride, u64 labels, int64_t ignore,
            float inv_t, u64 logp, u64 lse) {
+          prefkern::check_dtype_code(dtype);
           prefkern::cpu::logprobs_forward(ptr<const void>(logits), dtype, n, v, stride,
                                           ptr<const int64_t>(labels), ignore, inv_t, ptr<float>(logp),
                                           ptr<float>(lse));
@@ -51,6 +53,7 @@ NB_MODULE(_native, m) {
   m.def("logprobs_backward_cpu",
         [](u64 grad, u64 logits, int dtype, int64_t n, int64_t v, int64_t stride, u64 labels,
            int64_t ignore, float inv_t, u64 lse, u64 out, int64_t out_stride) {
+          prefkern::check_dtype_code(dtype);
           prefkern::cpu::logprobs_backward(ptr<const float>(grad), ptr<const void>(logits), dtype, n, v,
                                            stride, ptr<const int64_t>(labels), ignore, inv_t,
                                            ptr<const float>(lse), ptr<void>(out), out_stride);
@@ -60,6 +63,7 @@ NB_MODULE(_native, m) {
   m.def("logprobs_forward_cuda",
         [](u64 logits, int dtype, int64_t n, int64_t v, int64_t stride, u64 labels, int64_t ignore,
            float inv_t, u64 logp, u64 lse, u64 stream) {
+          prefkern::check_dtype_code(dtype);
           check_cuda(prefkern::cuda::logprobs_forward(ptr<const void>(logits), dtype, n, v, stride,
                                                       ptr<const int64_t>(labels), ignore, inv_t,
                                                       ptr<float>(logp), ptr<float>(lse), stream),
@@ -68,6 +72,7 @@ NB_MODULE(_native, m) {
   m.def("logprobs_backward_cuda",
         [](u64 grad, u64 logits, int dtype, int64_t n, int64_t v, int64_t stride, u64 labels,
            int64_t ignore, float inv_t, u64 lse, u64 out, int64_t out_stride, u64 stream) {
+          prefkern::check_dtype_code(dtype);
           check_cuda(prefkern::cuda::logprobs_backward(ptr<const float>(grad), ptr<const void>(logits),
                                                        dtype, n, v, stride, ptr<const int64_t>(labels),
                                                        ignore, inv_t, ptr<const float>(lse),
@@ -80,6 +85,7 @@ NB_MODULE(_native, m) {
   m.def("ensemble_reduce_cpu",
         [](u64 scores, int dtype, int64_t k, int64_t n, int64_t stride_k, u64 mu, u64 sigma, int method,
            float lam, int ddof, u64 combined, u64 mean, u64 var) {
+          prefkern::check_dtype_code(dtype);
           prefkern::cpu::ensemble_reduce(ptr<const void>(scores), dtype, k, n, stride_k, ptr<const float>(mu),
                                          ptr<const float>(sigma), method, lam, ddof, ptr<float>(combined),
                                          ptr<float>(mean), ptr<float>(var));
@@ -89,6 +95,7 @@ NB_MODULE(_native, m) {
         [](u64 hidden, int dtype, int64_t b, int64_t h, int64_t stride_b, int64_t stride_t, u64 last,
            u64 weight, int64_t k, int64_t w_stride, u64 bias, u64 mu, u64 sigma, int method, float lam,
            int ddof, u64 scores, u64 combined, u64 mean, u64 var) {
+          prefkern::check_dtype_code(dtype);
           prefkern::cpu::ensemble_head_forward(
               ptr<const void>(hidden), dtype, b, h, stride_b, stride_t, ptr<const int64_t>(last),
               ptr<const void>(weight), k, w_stride, ptr<const float>(bias), ptr<const float>(mu),
@@ -100,6 +107,7 @@ NB_MODULE(_native, m) {
         [](u64 grad, u64 hidden, int dtype, int64_t b, int64_t h, int64_t stride_b, int64_t stride_t, u64 last,
            u64 weight, int64_t k, int64_t w_stride, u64 grad_hidden, int64_t g_stride_b, int64_t g_stride_t,
            u64 grad_weight) {
+          prefkern::check_dtype_code(dtype);
           prefkern::cpu::ensemble_head_backward(
               ptr<const float>(grad), ptr<const void>(hidden), dtype, b, h, stride_b, stride_t,
               ptr<const int64_t>(last), ptr<const void>(weight), k, w_stride, ptr<void>(grad_hidden), g_stride_b,
@@ -110,6 +118,7 @@ NB_MODULE(_native, m) {
   m.def("ensemble_reduce_cuda",
         [](u64 scores, int dtype, int64_t k, int64_t n, int64_t stride_k, u64 mu, u64 sigma, int method,
            float lam, int ddof, u64 combined, u64 mean, u64 var, u64 stream) {
+          prefkern::check_dtype_code(dtype);
           check_cuda(prefkern::cuda::ensemble_reduce(ptr<const void>(scores), dtype, k, n, stride_k,
                                                      ptr<const float>(mu), ptr<const float>(sigma), method, lam,
                                                      ddof, ptr<float>(combined), ptr<float>(mean), ptr<float>(var),
@@ -120,6 +129,7 @@ NB_MODULE(_native, m) {
         [](u64 hidden, int dtype, int64_t b, int64_t h, int64_t stride_b, int64_t stride_t, u64 last,
            u64 weight, int64_t k, int64_t w_stride, u64 bias, u64 mu, u64 sigma, int method, float lam,
            int ddof, u64 scores, u64 combined, u64 mean, u64 var, u64 stream) {
+          prefkern::check_dtype_code(dtype);
           check_cuda(prefkern::cuda::ensemble_head_forward(
                          ptr<const void>(hidden), dtype, b, h, stride_b, stride_t, ptr<const int64_t>(last),
                          ptr<const void>(weight), k, w_stride, ptr<const float>(bias), ptr<const float>(mu),
@@ -134,6 +144,7 @@ NB_MODULE(_native, m) {
   m.def("sample_cpu",
         [](u64 logits, int dtype, int64_t n, int64_t v, int64_t stride, u64 row_index, u64 temperature,
            u64 top_k, u64 top_p, u64 min_p, u64 seed, u64 offset, u64 tokens, u64 logprobs) {
+          prefkern::check_dtype_code(dtype);
           prefkern::cpu::sample(ptr<const void>(logits), dtype, n, v, stride, ptr<const int64_t>(row_index),
                                 ptr<const float>(temperature), ptr<const int64_t>(top_k),
                                 ptr<const float>(top_p), ptr<const float>(min_p), ptr<const int64_t>(seed),
@@ -144,6 +155,7 @@ NB_MODULE(_native, m) {
   m.def("sample_cuda",
         [](u64 logits, int dtype, int64_t n, int64_t v, int64_t stride, u64 row_index, u64 temperature,
            u64 top_k, u64 top_p, u64 min_p, u64 seed, u64 offset, u64 tokens, u64 logprobs, u64 stream) {
+          prefkern::check_dtype_code(dtype);
           check_cuda(prefkern::cuda::sample(ptr<const void>(logits), dtype, n, v, stride,
                                             ptr<const int64_t>(row_index), ptr<const float>(temperature),
                                             ptr<const int64_t>(top_k), ptr<const float>(top_p),

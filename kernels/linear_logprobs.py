@@ -100,7 +100,8 @@ def _linear_lse_backward_kernel(
     mask_v = offs_v < V
     y = tl.load(labels_ptr + offs_n, mask=mask_n, other=ignore_index).to(tl.int64)
     g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
-    g = tl.where(y == ignore_index, 0.0, g)
+    live = mask_n & (y != ignore_index)
+    g = tl.where(live, g, 0.0)
     # Token blocks with no gradient (prompt or padding positions) cost nothing; NaN counts as work.
     g_max = tl.max(tl.where(g == g, tl.abs(g), float("inf")), axis=0)
     if g_max > 0:
@@ -109,8 +110,8 @@ def _linear_lse_backward_kernel(
                         stride_wv, stride_wh, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST)
         p = tl.exp(z - lse[:, None])
         onehot = tl.where(offs_v[None, :].to(tl.int64) == y[:, None], 1.0, 0.0)
-        dz = g[:, None] * (onehot - p)
-        dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)
+        # ignored rows carry lse = 0, so their p may be inf and g * p NaN: select 0, never multiply by 0
+        dz = tl.where(live[:, None] & mask_v[None, :], g[:, None] * (onehot - p), 0.0)
         if COMPUTE_DB:
             tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
         # Half-precision dot operands: divide dz by a power of two near max|g| first, so that fp16 keeps
@@ -190,8 +191,10 @@ def linear_lse_forward(
     m, s, zy = part[0], part[1], part[2]
     top = m.max(dim=0).values
     safe_top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    lse = safe_top + torch.log((s * torch.exp(m - safe_top)).sum(dim=0))
-    logp = torch.where(labels == ignore_index, torch.zeros_like(lse), zy.sum(dim=0) - lse)
+    log_s = torch.log((s * torch.exp(m - safe_top)).sum(dim=0))
+    lse = safe_top + log_s
+    # (z_y - max) - log s, never z_y - lse: the rounding of lse is one ulp of |lse|
+    logp = torch.where(labels == ignore_index, torch.zeros_like(lse), (zy.sum(dim=0) - safe_top) - log_s)
     # an out-of-range label (unchecked under graph capture) matched no column: NaN, not -lse
     logp = torch.where((labels != ignore_index) & ((labels < 0) | (labels >= v)), torch.full_like(lse, float("nan")), logp)
     return logp, lse

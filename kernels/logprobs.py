@@ -25,6 +25,7 @@ def _logprobs_forward_kernel(
     row_ptr = logits_ptr + row * stride_logits_n
     m = -float("inf")
     s = 0.0
+    nan = 0
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         if EVEN_V:
@@ -32,17 +33,21 @@ def _logprobs_forward_kernel(
         else:
             x = tl.load(row_ptr + offs, mask=offs < V, other=-float("inf"))
         z = x.to(tl.float32) * scale
+        # max on a GPU drops NaN, and an all -inf block resets the sum below: count NaN on its own
+        nan += tl.sum((z != z).to(tl.int32), axis=0)
         new_m = tl.maximum(m, tl.max(z, axis=0))
         # a block (or prefix) of -inf logits leaves the sum at 0 instead of producing inf - inf
         s = tl.where(new_m == -float("inf"), 0.0, s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0))
         m = new_m
-    lse = m + tl.log(s)
+    m = tl.where(nan > 0, float("nan"), m)
+    log_s = tl.where(nan > 0, float("nan"), tl.log(s))
     y = tl.load(labels_ptr + row).to(tl.int64)
     valid = y != ignore_index
     in_range = (y >= 0) & (y < V)  # out of range (unchecked under graph capture): NaN, never a stray read
     zy = tl.load(row_ptr + tl.where(valid & in_range, y, 0)).to(tl.float32) * scale
-    tl.store(lse_ptr + row, lse)
-    tl.store(logp_ptr + row, tl.where(valid, tl.where(in_range, zy - lse, float("nan")), 0.0))
+    tl.store(lse_ptr + row, m + log_s)
+    # (z_y - m) - log s, never z_y - lse: the rounding of lse is one ulp of |lse|
+    tl.store(logp_ptr + row, tl.where(valid, tl.where(in_range, (zy - m) - log_s, float("nan")), 0.0))
 
 
 @triton.heuristics({"EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0})
@@ -82,6 +87,17 @@ def _block_v(vocab: int) -> int:
     return max(16, min(4096, triton.next_power_of_2(max(vocab, 1))))
 
 
+def forward_config(vocab: int) -> dict:
+    """Meta-parameters of the forward launch for a vocabulary of ``vocab`` (the compile tests use it too).
+    No FMA contraction: z_y - m must see z_y rounded exactly like the logits in the max and the sum."""
+    return {"BLOCK_V": _block_v(vocab), "num_warps": 8, "enable_fp_fusion": False}
+
+
+def backward_config(vocab: int) -> dict:
+    """Meta-parameters of the backward launch (grid: rows x cdiv(vocab, BLOCK_V))."""
+    return {"BLOCK_V": min(_block_v(vocab), 2048), "num_warps": 4}
+
+
 def logprobs_forward(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +109,7 @@ def logprobs_forward(
         return logp, lse
     _logprobs_forward_kernel[(n,)](
         logits, labels, logp, lse, v, logits.stride(0), ignore_index, scale,
-        BLOCK_V=_block_v(v), num_warps=8,
+        **forward_config(v),
     )
     return logp, lse
 
@@ -108,10 +124,10 @@ def logprobs_backward(
     grad_logits = torch.empty((n, v), dtype=logits.dtype, device=logits.device) if out is None else out
     if n == 0 or v == 0:
         return grad_logits
-    block = min(_block_v(v), 2048)
-    _logprobs_backward_kernel[(n, triton.cdiv(v, block))](
+    config = backward_config(v)
+    _logprobs_backward_kernel[(n, triton.cdiv(v, config["BLOCK_V"]))](
         grad, logits, labels, lse, grad_logits, v, logits.stride(0), grad_logits.stride(0),
-        ignore_index, scale, BLOCK_V=block, num_warps=4,
+        ignore_index, scale, **config,
     )
     return grad_logits
 

@@ -14,19 +14,25 @@ constexpr int64_t kBlock = 2048;  // fp32 scratch of 8 KiB stays in L1 between t
 constexpr int kLanes = 16;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+struct MaxSum {
+  float m, s;  // row max and sum of exp(z - m); both NaN when the row holds a NaN
+};
+
 // Online log-sum-exp over one row: each block is converted into L1 scratch once (with its max),
 // then summed from there, so memory sees a single read of the row.
 template <class D>
-PREFKERN_CLONES float row_logsumexp(const typename D::storage* row, int64_t vocab, float scale,
-                                    float* scratch) {
+PREFKERN_CLONES MaxSum row_max_sum(const typename D::storage* row, int64_t vocab, float scale, float* scratch) {
   float m = kNegInf, s = 0.0f;
   for (int64_t v0 = 0; v0 < vocab; v0 += kBlock) {
     int64_t count = std::min(kBlock, vocab - v0);
     float bm = kNegInf;
+    int nan = 0;  // std::max drops a NaN, and an otherwise all -inf block is skipped below
     for (int64_t i = 0; i < count; ++i) {
       scratch[i] = D::load(row[v0 + i]) * scale;
       bm = std::max(bm, scratch[i]);
+      nan |= scratch[i] != scratch[i];
     }
+    if (nan) return {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::quiet_NaN()};
     if (bm == kNegInf) continue;
     float nm = std::max(m, bm);
     // Lane-wise partial sums: a plain float reduction would not vectorise without -ffast-math.
@@ -40,8 +46,7 @@ PREFKERN_CLONES float row_logsumexp(const typename D::storage* row, int64_t voca
     s = s * exp_nonpos(m - nm) + bs;
     m = nm;
   }
-  if (std::isnan(s)) return s;
-  return m + std::log(s);
+  return {m, s};
 }
 
 // out[v] = -g * scale * softmax_v, rounded once to the storage dtype (the label entry is fixed up after).
@@ -52,6 +57,11 @@ PREFKERN_CLONES void row_grad(const typename D::storage* row, int64_t vocab, flo
   for (int64_t v = 0; v < vocab; ++v) out[v] = D::store(-gs * exp_nonpos(D::load(row[v]) * scale - lse));
 }
 
+// z_y rounded like the entries of the sum: not inlined, so that -ffp-contract=fast (GCC's default
+// for gnu++ dialects) cannot fuse it into an FMA with the "- m" that follows.
+template <class D>
+[[gnu::noinline]] float scaled_logit(typename D::storage x, float scale) { return D::load(x) * scale; }
+
 template <class D>
 void forward_impl(const typename D::storage* logits, int64_t n_rows, int64_t vocab, int64_t row_stride,
                   const int64_t* labels, int64_t ignore_index, float scale, float* logp, float* lse) {
@@ -59,11 +69,14 @@ void forward_impl(const typename D::storage* logits, int64_t n_rows, int64_t voc
     alignas(64) float scratch[kBlock];
     for (int64_t n = begin; n < end; ++n) {
       const auto* row = logits + n * row_stride;
-      float l = row_logsumexp<D>(row, vocab, scale, scratch);
-      lse[n] = l;
+      MaxSum ms = row_max_sum<D>(row, vocab, scale, scratch);
+      float log_s = std::log(ms.s);
+      lse[n] = ms.m + log_s;
       int64_t y = labels[n];
+      // (z_y - m) - log s: z_y - lse would carry the rounding of lse, one ulp of |lse|
       logp[n] = y == ignore_index ? 0.0f
-                : (y < 0 || y >= vocab ? std::numeric_limits<float>::quiet_NaN() : D::load(row[y]) * scale - l);
+                : (y < 0 || y >= vocab ? std::numeric_limits<float>::quiet_NaN()
+                                       : (scaled_logit<D>(row[y], scale) - ms.m) - log_s);
     }
   });
 }

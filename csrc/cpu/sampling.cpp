@@ -22,34 +22,6 @@ constexpr int64_t kBlock = 2048;
 constexpr int kLanes = 16;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// log(x) for normal x > 0 (Cephes logf, ~1 ulp), branch-free so that the Gumbel loop vectorises.
-inline float log_pos(float x) {
-  uint32_t bits = float_to_bits(x);
-  float e = static_cast<float>(static_cast<int32_t>((bits >> 23) & 0xffu) - 126);
-  float m = bits_to_float((bits & 0x7fffffu) | 0x3f000000u);  // [0.5, 1)
-  bool small = m < 0.707106781186547524f;
-  e = small ? e - 1.0f : e;
-  float f = small ? m + m - 1.0f : m - 1.0f;
-  float z = f * f;
-  float y = 7.0376836292e-2f;
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
-  y = y * f * z;
-  y += e * -2.12194440e-4f;
-  y += -0.5f * z;
-  return f + y + e * 0.693359375f;
-}
-
-inline float gumbel(uint32_t key, uint32_t column) {
-  return -log_pos(-log_pos(sampling_uniform(key, column)));
-}
-
 struct RowResult {
   int64_t token;
   float logprob;
@@ -73,7 +45,7 @@ PREFKERN_CLONES RowResult sample_plain(const typename D::storage* row, int64_t v
     for (; i + kLanes <= count; i += kLanes)
       for (int j = 0; j < kLanes; ++j) {
         float z = D::load(row[v0 + i + j]) * inv_t;
-        float g = z + gumbel(key, static_cast<uint32_t>(v0 + i + j));
+        float g = z + sampling_gumbel(key, static_cast<uint32_t>(v0 + i + j));
         zbuf[i + j] = z;
         gbuf[i + j] = g;
         badl[j] |= !(z < kInf);
@@ -84,7 +56,7 @@ PREFKERN_CLONES RowResult sample_plain(const typename D::storage* row, int64_t v
     for (; i < count; ++i) {
       float z = D::load(row[v0 + i]) * inv_t;
       zbuf[i] = z;
-      gbuf[i] = z + gumbel(key, static_cast<uint32_t>(v0 + i));
+      gbuf[i] = z + sampling_gumbel(key, static_cast<uint32_t>(v0 + i));
       bad |= !(z < kInf);
       bm = std::max(bm, z);
       gm = std::max(gm, gbuf[i]);
@@ -290,7 +262,7 @@ RowResult sample_filtered(const typename D::storage* row, int64_t vocab, float i
     float x = z[v];
     if (!(x >= t)) continue;
     s += exp_nonpos(x - m);
-    float g = x + gumbel(key, static_cast<uint32_t>(v));
+    float g = x + sampling_gumbel(key, static_cast<uint32_t>(v));
     if (g > best) best = g, best_v = v, best_z = x;
   }
   if (best_v < 0) return {-1, 0.0f};

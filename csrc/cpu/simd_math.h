@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 // Hot loops are compiled twice, for AVX2+FMA (x86-64-v3) and for the baseline, and the loader picks
 // the one the CPU runs: one portable wheel, vector code where the machine has it.
@@ -72,13 +74,22 @@ struct F16 {
   static uint16_t store(float x) { return float_to_f16(x); }
 };
 
+inline bool valid_dtype_code(int dtype) { return dtype >= 0 && dtype <= 2; }
+
+// Throws std::invalid_argument (a Python ValueError through nanobind) for a code that is no dtype.
+inline void check_dtype_code(int dtype) {
+  if (!valid_dtype_code(dtype))
+    throw std::invalid_argument("unknown dtype code " + std::to_string(dtype) + " (0 = f32, 1 = bf16, 2 = f16)");
+}
+
 // Calls fn(Tag{}) with the storage tag of a dtype code (0 = f32, 1 = bf16, 2 = f16).
 template <class Fn>
 void dispatch_dtype(int dtype, Fn fn) {
-  switch (static_cast<DType>(dtype)) {
-    case DType::f32: fn(F32{}); break;
-    case DType::bf16: fn(BF16{}); break;
-    default: fn(F16{}); break;
+  switch (dtype) {
+    case static_cast<int>(DType::f32): fn(F32{}); break;
+    case static_cast<int>(DType::bf16): fn(BF16{}); break;
+    case static_cast<int>(DType::f16): fn(F16{}); break;
+    default: check_dtype_code(dtype);
   }
 }
 

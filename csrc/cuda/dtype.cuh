@@ -17,17 +17,20 @@ template <> __device__ __forceinline__ __half from_float<__half>(float x) { retu
 struct MaxSum {
   float m, s;
 };
+// A NaN logit never becomes the max (fmaxf drops it) but makes s NaN; the -inf case keeps that NaN.
 __device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
   float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return {m, 0.f};
+  if (m == -INFINITY) return {m, a.s + b.s};
   return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
 }
 
 }  // namespace prefkern::cuda
 
-#define PREFKERN_DISPATCH_DTYPE(dtype, T, ...)        \
-  switch (dtype) {                                    \
-    case 0: { using T = float; __VA_ARGS__; break; }  \
-    case 1: { using T = __nv_bfloat16; __VA_ARGS__; break; } \
-    default: { using T = __half; __VA_ARGS__; break; } \
+// Used in host functions that return an error string; the bindings reject unknown codes before this.
+#define PREFKERN_DISPATCH_DTYPE(dtype, T, ...)                  \
+  switch (dtype) {                                              \
+    case 0: { using T = float; __VA_ARGS__; break; }            \
+    case 1: { using T = __nv_bfloat16; __VA_ARGS__; break; }    \
+    case 2: { using T = __half; __VA_ARGS__; break; }           \
+    default: return "unknown dtype code (0 = f32, 1 = bf16, 2 = f16)"; \
   }

@@ -37,8 +37,9 @@ __global__ void __launch_bounds__(kThreads) logprobs_forward_kernel(
   const int64_t n = blockIdx.x;
   const T* row = logits + n * row_stride;
   MaxSum acc{-INFINITY, 0.f};
+  // __fmul_rn: z rounded once, never contracted into an FMA, so that z_y - m below sees the same z
   for_row<kThreads>(row, vocab, [&](int64_t, float x) {
-    float z = x * scale;
+    float z = __fmul_rn(x, scale);
     if (z == -INFINITY) return;  // exp(-inf - -inf) would be NaN while the running max is still -inf
     if (z > acc.m) {
       acc.s = acc.s * __expf(acc.m - z) + 1.f;
@@ -49,18 +50,22 @@ __global__ void __launch_bounds__(kThreads) logprobs_forward_kernel(
   });
   acc = block_merge(acc);
   if (threadIdx.x == 0) {
-    float l = acc.m + logf(acc.s);
-    lse[n] = l;
+    float log_s = logf(acc.s);
+    lse[n] = acc.m + log_s;
     int64_t y = labels[n];
-    logp[n] = y == ignore_index ? 0.f : (y < 0 || y >= vocab ? NAN : to_float(row[y]) * scale - l);
+    // (z_y - m) - log s: z_y - lse would carry the rounding of lse, one ulp of |lse|
+    logp[n] = y == ignore_index ? 0.f
+              : (y < 0 || y >= vocab ? NAN : (__fmul_rn(to_float(row[y]), scale) - acc.m) - log_s);
   }
 }
 
+// out may be logits itself (the chunked linear_logprobs backward works in place): no __restrict__ on
+// either; each element is read before the same thread writes it.
 template <class T>
 __global__ void __launch_bounds__(kThreads) logprobs_backward_kernel(
-    const float* __restrict__ grad, const T* __restrict__ logits, int64_t vocab, int64_t row_stride,
+    const float* __restrict__ grad, const T* logits, int64_t vocab, int64_t row_stride,
     const int64_t* __restrict__ labels, int64_t ignore_index, float scale, const float* __restrict__ lse,
-    T* __restrict__ out, int64_t out_stride, int64_t chunks_per_row) {
+    T* out, int64_t out_stride, int64_t chunks_per_row) {
   const int64_t n = blockIdx.x / chunks_per_row;
   const int64_t v0 = (blockIdx.x % chunks_per_row) * kBackwardChunk;
   const int64_t v1 = min(vocab, v0 + kBackwardChunk);

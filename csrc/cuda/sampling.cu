@@ -68,10 +68,6 @@ __device__ Best block_best(Best b, Best* smem) {
   return acc;
 }
 
-__device__ __forceinline__ float gumbel(uint32_t key, uint32_t column) {
-  return -__logf(-__logf(sampling_uniform(key, column)));
-}
-
 // sup{t : G(t) >= target} with G(t) = sum of w(z) over z >= max(t, base); `target` is `goal` itself
 // (absolute) or goal * G(lo) (fraction of the mass above `lo`, found in the first pass).
 template <class T, bool MASS>
@@ -87,7 +83,7 @@ __device__ float search(const T* row, int64_t vocab, float inv_t, float m, float
 #pragma unroll
     for (int j = 0; j <= kPivots; ++j) g[j] = 0.f, a[j] = INFINITY, b[j] = -INFINITY;
     for_row<kThreads>(row, vocab, [&](int64_t, float x) {
-      float z = x * inv_t;
+      float z = __fmul_rn(x, inv_t);
       if (!(z >= lo)) return;
       float w = MASS ? __expf(z - m) : 1.f;
 #pragma unroll
@@ -141,7 +137,7 @@ __global__ void __launch_bounds__(kThreads, FILTERED ? 1 : 2) sample_kernel(
   float s = 0.f, m_run = -INFINITY;
   Best best{-INFINITY, -1, 0.f};
   for_row<kThreads>(row, vocab, [&](int64_t v, float x) {
-    float z = x * inv_t;
+    float z = __fmul_rn(x, inv_t);
     st[2] = z < INFINITY ? st[2] : 1.f;
     st[0] = fmaxf(st[0], z);
     if (z > -INFINITY) st[1] = fminf(st[1], z);
@@ -152,7 +148,7 @@ __global__ void __launch_bounds__(kThreads, FILTERED ? 1 : 2) sample_kernel(
       } else {
         s += __expf(z - m_run);
       }
-      float gk = greedy ? z : z + gumbel(key, static_cast<uint32_t>(v));
+      float gk = greedy ? z : z + sampling_gumbel(key, static_cast<uint32_t>(v));
       if (gk > best.key) best = Best{gk, v, z};
     }
   });
@@ -184,10 +180,10 @@ __global__ void __launch_bounds__(kThreads, FILTERED ? 1 : 2) sample_kernel(
   if (use_p) t = fmaxf(t, search<T, true>(row, vocab, inv_t, m, t, m, p, true, smem));
   float sum[1] = {0.f};
   for_row<kThreads>(row, vocab, [&](int64_t v, float x) {
-    float z = x * inv_t;
+    float z = __fmul_rn(x, inv_t);
     if (!(z >= t)) return;
     sum[0] += __expf(z - m);
-    float gk = z + gumbel(key, static_cast<uint32_t>(v));
+    float gk = z + sampling_gumbel(key, static_cast<uint32_t>(v));
     if (gk > best.key) best = Best{gk, v, z};
   });
   block_reduce(sum, Sum{}, smem);
