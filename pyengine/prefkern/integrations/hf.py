@@ -26,6 +26,9 @@ __all__ = ["BestOfN", "BestOfNResult", "RewardEnsemble", "mean_over_members"]
 RewardFn = Callable[..., Any]
 
 
+_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
+
+
 def _draw_seed(generator: torch.Generator) -> int:
     """A fresh 62-bit seed from ``generator`` (CPU, no device sync)."""
     return int(torch.randint(0, 2**62, (1,), generator=generator))
@@ -126,7 +129,8 @@ class BestOfN:
     n : candidates per prompt.
     k, method, beta : passed to :func:`best_of_n`.
     generation_kwargs : ``max_new_tokens`` and sampling settings (``temperature``, ``top_k``,
-        ``top_p``, ``min_p``) for either sampler, drawn by :func:`prefkern.sample`; other keys go to
+        ``top_p``, ``min_p``; with ``sampler="hf"`` those not given come from the policy's
+        ``generation_config``) for either sampler, drawn by :func:`prefkern.sample`; other keys go to
         ``generate`` (``do_sample`` is ignored; a ``logits_processor`` list runs before the draw).
     sampler : ``"hf"`` or ``"prefkern"``.
     step_fn : for ``sampler="prefkern"``: ``step_fn(input_ids [R, t], attention_mask [R, t], state)
@@ -240,7 +244,7 @@ class BestOfN:
     def _sampling_settings(self) -> Tuple[Dict[str, Any], Dict[str, Any], int]:
         kw = dict(self.generation_kwargs)
         max_new = int(kw.pop("max_new_tokens", 16))
-        sampling = {name: kw.pop(name) for name in ("temperature", "top_k", "top_p", "min_p") if name in kw}
+        sampling = {name: kw.pop(name) for name in _SAMPLING_KEYS if name in kw}
         return sampling, kw, max_new
 
     def _generate_hf(self, ids, mask, seed: int) -> torch.Tensor:
@@ -248,10 +252,16 @@ class BestOfN:
 
         sampling, rest, max_new = self._sampling_settings()
         rest.pop("do_sample", None)
+        defaults = getattr(self.policy, "generation_config", None)  # e.g. transformers' top_k=50
+        for name in _SAMPLING_KEYS:
+            if name not in sampling and getattr(defaults, name, None) is not None:
+                sampling[name] = getattr(defaults, name)
         processors = LogitsProcessorList(rest.pop("logits_processor", None) or [])
         processors.append(_SeededSampling(seed, ids.shape[1], sampling))
+        # the draw happens in the processor: generate itself runs greedy, with its own sampling settings off
         out = self.policy.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
-                                   pad_token_id=self._pad_id(), logits_processor=processors, **rest)
+                                   pad_token_id=self._pad_id(), logits_processor=processors,
+                                   **{name: None for name in _SAMPLING_KEYS}, **rest)
         return out[:, ids.shape[1]:]
 
     def _default_step(self, input_ids, attention_mask, state):
