@@ -20,7 +20,10 @@ def _combine(s, kmask, K, lam, inv_dof, METHOD: tl.constexpr):
     if METHOD == 0:
         combined = mean
     elif METHOD == 1:
-        combined = tl.min(tl.where(kmask, s, float("inf")), axis=1)
+        # tl.min drops NaN on the GPU: a NaN member must make the minimum NaN (it would win best-of-n)
+        lo = tl.min(tl.where(kmask, s, float("inf")), axis=1)
+        has_nan = tl.max(tl.where(kmask & (s != s), 1, 0), axis=1) > 0
+        combined = tl.where(has_nan, mean, lo)  # the mean of a column holding NaN is NaN
     else:
         combined = mean - lam * var
     return combined, mean, var

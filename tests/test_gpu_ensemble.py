@@ -98,3 +98,41 @@ def test_head_is_one_launch(backend, kernel):
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     launches = [e.name for e in kernels if "Memset" not in e.name and "memcpy" not in e.name.lower()]
     assert len(launches) == 1 and kernel in launches[0], launches
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("method", ["mean", "wco", "uwo"])
+def test_nan_member_makes_the_reduction_nan_gpu(backend, method):
+    """fminf / tl.min drop NaN on the GPU: a NaN member must still make the reduced score NaN."""
+    s = torch.randn(5, 300, device="cuda")
+    s[2, 3] = s[0, 7] = s[4, 8] = float("nan")
+    s[:, 9] = float("nan")
+    out = prefkern.ensemble_reduce(s, method, check_finite=False, backend=backend)
+    for t in out:
+        assert bool(torch.isnan(t[[3, 7, 8, 9]]).all()), t[[3, 7, 8, 9]]
+    rest = torch.ones(300, dtype=torch.bool)
+    rest[[3, 7, 8, 9]] = False
+    want = prefkern.ensemble_reduce(s[:, rest.cuda()], method, backend="torch")
+    torch.testing.assert_close(out.combined[rest.cuda()], want.combined, atol=1e-5, rtol=1e-5)
+    head = prefkern.EnsembleRewardHead(64, 4, method=method, check_finite=False, device="cuda")
+    hidden = torch.randn(8, 3, 64, device="cuda")
+    hidden[2, 2, 5] = float("nan")
+    scored = head(hidden, backend=backend, group_size=4)
+    assert bool(torch.isnan(scored.combined[0, 2])) and prefkern.best_of_n(scored.combined).local[0, 0] != 2
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_launches_run_on_the_tensors_device(backend):
+    """Tensors on cuda:1 while cuda:0 is current: the launch must use cuda:1 (its stream and context)."""
+    with torch.cuda.device(0):
+        s = torch.randn(4, 50, device="cuda:1")
+        out = prefkern.ensemble_reduce(s, "uwo", backend=backend)
+        want = prefkern.ensemble_reduce(s.cpu(), "uwo", backend="torch")
+        torch.testing.assert_close(out.combined.cpu(), want.combined, atol=1e-5, rtol=1e-5)
+        head = prefkern.EnsembleRewardHead(32, 3, device="cuda:1")
+        hidden = torch.randn(5, 2, 32, device="cuda:1")
+        torch.testing.assert_close(head(hidden, backend=backend).scores, head(hidden, backend="torch").scores,
+                                   atol=1e-4, rtol=1e-4)
+        tokens = prefkern.sample(torch.randn(3, 100, device="cuda:1"), seed=1, top_k=5, backend=backend)
+        assert tokens.device == torch.device("cuda:1") and bool(((tokens >= 0) & (tokens < 100)).all())

@@ -81,3 +81,18 @@ def test_cuda_graph_capture_and_replay(backend):
         eager = prefkern.sample(x, seed=seed, offset=offset, top_k=50, top_p=0.9, backend=backend)
         assert torch.equal(out, eager)
     assert sel.indices.shape == (16, 2)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_temperature_overflow_and_numpy_scalars_gpu(backend):
+    import numpy as np
+
+    x = torch.full((2, 64), 10.0, device="cuda")
+    x[:, 5] = 11.0
+    with pytest.raises(ValueError, match="1 / temperature must be finite in float32"):
+        prefkern.sample(x, temperature=torch.tensor([1.0, 1e-39], device="cuda"), backend=backend)
+    with pytest.raises(ValueError, match="overflows float32"):
+        prefkern.sample(x, temperature=1e-38, backend=backend)
+    a = prefkern.sample(x, temperature=np.float32(0.5), top_k=np.int64(3), seed=np.int64(4), backend=backend)
+    b = prefkern.sample(x, temperature=0.5, top_k=3, seed=4, backend=backend)
+    assert torch.equal(a, b)

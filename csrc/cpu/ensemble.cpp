@@ -59,13 +59,17 @@ void dot_all(const typename D::storage* x, const typename D::storage* w, int64_t
   }
 }
 
+// The running minimum of the members that keeps a NaN once it has seen one (std::min and fminf drop
+// NaN, which would let a sequence whose hidden state is NaN win best-of-n under "wco").
+inline float take_min(float lo, float x) { return (x < lo || x != x) ? x : lo; }
+
 // Statistics of the K (already normalised) members of one sample.
 inline void combine(const float* s, int64_t k, int method, float lam, float inv_dof, float* combined,
                     float* mean, float* var) {
   float sum = 0.0f, lo = kInf;
   for (int64_t i = 0; i < k; ++i) {
     sum += s[i];
-    lo = std::min(lo, s[i]);
+    lo = take_min(lo, s[i]);
   }
   float m = sum / static_cast<float>(k);
   float ss = 0.0f;
@@ -94,7 +98,7 @@ void reduce_impl(const typename D::storage* scores, int64_t k, int64_t n, int64_
         for (int64_t i = 0; i < cnt; ++i) {
           float x = (D::load(row[i]) - sh) / sc;
           sum[i] += x;
-          lo[i] = std::min(lo[i], x);
+          lo[i] = take_min(lo[i], x);
         }
       }
       for (int64_t i = 0; i < cnt; ++i) m[i] = sum[i] / static_cast<float>(k);

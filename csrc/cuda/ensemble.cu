@@ -18,6 +18,10 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kRows = 4;   // rows per block
 constexpr int kGroup = 8;  // members per pass
 
+// The running minimum of the members that keeps a NaN once it has seen one (fminf drops NaN, which
+// would let a sequence whose hidden state is NaN win best-of-n under "wco").
+__device__ __forceinline__ float take_min(float lo, float x) { return (x < lo || x != x) ? x : lo; }
+
 // Mean, minimum and variance of the K (already normalised) member scores s[0..K), stride `step`.
 __device__ __forceinline__ void combine(const float* s, int64_t step, int64_t k, const float* mu,
                                         const float* sigma, int method, float lam, float inv_dof,
@@ -26,7 +30,7 @@ __device__ __forceinline__ void combine(const float* s, int64_t step, int64_t k,
   for (int64_t i = 0; i < k; ++i) {
     float x = mu ? (s[i * step] - mu[i]) / sigma[i] : s[i * step];
     sum += x;
-    lo = fminf(lo, x);
+    lo = take_min(lo, x);
   }
   const float m = sum / static_cast<float>(k);
   float ss = 0.f;
@@ -52,7 +56,7 @@ __global__ void __launch_bounds__(kThreads) ensemble_reduce_kernel(
     float x = to_float(__ldg(scores + i * stride_k + col));
     if (mu) x = (x - mu[i]) / sigma[i];
     sum += x;
-    lo = fminf(lo, x);
+    lo = take_min(lo, x);
   }
   const float m = sum / static_cast<float>(k);
   float ss = 0.f;

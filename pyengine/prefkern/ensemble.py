@@ -1,31 +1,34 @@
 """Ensemble reward scoring (LOSSES.md section E, Coste et al.): conservative combinations of K reward
-members on the device, K reward heads fused into one kernel, and K Hugging Face reward models.
+members on the device, and K reward heads fused into one kernel.
 
 - ``ensemble_reduce(scores [K, N], method, lam, ddof, normalize)``: combine members' scores.
-- ``EnsembleRewardHead(hidden_size, num_members)``: K linear heads on the last real token, one kernel
-  for gather + K dot products + reduction, trainable (``pairwise_loss`` for Bradley-Terry training).
-- ``RewardEnsemble(models)``: K sequence-classification reward models (or callables), reduced on device.
+- ``ensemble_head(hidden, attention_mask, weight, bias, ...)``: K linear heads on the last real token,
+  one kernel for gather + K dot products + reduction, differentiable.
+- ``EnsembleRewardHead(hidden_size, num_members)``: the module holding the heads' parameters and
+  calibration buffers; its forward calls ``ensemble_head`` (``pairwise_loss`` for Bradley-Terry training).
+
+K separate Hugging Face reward models: ``RewardEnsemble`` in :mod:`prefkern.integrations.hf`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import reference
-from ._validation import check_float, check_same_device
+from ._validation import check_float, check_ndim, check_number, check_same_device, check_tensor, float64_backend
 from .ops.ensemble import METHODS, ensemble_head_fwd, ensemble_reduce_fwd
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 Normalize = Optional[Tuple[Any, Any]]
 
 __all__ = [
-    "EnsembleScores", "ensemble_reduce", "calibration_stats", "EnsembleRewardHead", "RewardEnsemble",
+    "EnsembleScores", "ensemble_reduce", "ensemble_head", "calibration_stats", "EnsembleRewardHead",
     "bradley_terry_loss", "bootstrap_weights",
 ]
 
@@ -64,11 +67,13 @@ def _method_code(method: str) -> int:
 
 
 def _check_lam_ddof(lam: float, ddof: int, k: int) -> None:
-    if not isinstance(lam, (int, float)) or isinstance(lam, bool):
-        raise TypeError(f"lam must be a number, got {type(lam).__name__}")
+    try:
+        lam = check_number("lam", lam)
+    except ValueError:  # NaN: reported below with the range
+        lam = float("nan")
     if not (math.isfinite(lam) and lam >= 0):
         raise ValueError(f"lam must be a finite number >= 0, got {lam}")
-    if not isinstance(ddof, int) or isinstance(ddof, bool) or ddof not in (0, 1):
+    if not isinstance(ddof, (int, np.integer)) or isinstance(ddof, bool) or ddof not in (0, 1):
         raise ValueError(f"ddof must be 0 (population variance) or 1 (unbiased), got {ddof!r}")
     if k <= ddof:
         raise ValueError(f"ddof={ddof} needs more than {ddof} member(s), got K={k}")
@@ -120,14 +125,6 @@ def _check_group_size(group_size: Optional[int], n: int) -> None:
         raise ValueError(f"group_size={group_size} must divide the number of samples N={n}")
 
 
-def _resolve_float64(t: torch.Tensor, backend: str, what: str) -> str:
-    if t.dtype == torch.float64:
-        if backend not in ("auto", "torch"):
-            raise TypeError(f"float64 {what} run on the 'torch' backend only, not {backend!r}")
-        return "torch"
-    return backend
-
-
 # ---- ensemble_reduce ----------------------------------------------------------------------------------
 
 
@@ -163,6 +160,8 @@ def ensemble_reduce(
         ``calibration_stats``; applied before the reduction.
     group_size : n: return [P, n] (best-of-n groups of n consecutive samples) instead of [N].
     check_finite : raise ValueError on NaN/Inf scores (one host synchronisation; off for sync-free loops).
+        Unchecked, a NaN member makes ``combined``, ``mean`` and ``var`` NaN for every method (``wco``
+        included) on every backend, so that it cannot win a best-of-n selection.
     backend : ``"auto"`` (Triton on CUDA, native C++ on the CPU), ``"native"``, ``"triton"``, ``"cuda"`` (the
         CUDA C++ kernel), ``"torch"`` (see ``prefkern.info()``).
 
@@ -186,12 +185,12 @@ def ensemble_reduce(
     code = _method_code(method)
     _check_lam_ddof(lam, ddof, k)
     _check_group_size(group_size, n)
-    backend = _resolve_float64(scores, backend, "scores")
+    backend = float64_backend("scores", scores, backend)
     compute = torch.float64 if scores.dtype == torch.float64 else torch.float32
     mu, sigma = _normalization(normalize, k, scores.device, compute)
     if n > 1 and scores.stride(1) != 1:
         scores = scores.contiguous()
-    out = EnsembleScores(*ensemble_reduce_fwd(scores, mu, sigma, code, float(lam), ddof, check_finite, backend))
+    out = EnsembleScores(*ensemble_reduce_fwd(scores, mu, sigma, code, float(lam), int(ddof), check_finite, backend))
     out = out._map(lambda t: _group(t, group_size))
     return out._map(lambda t: t.detach().cpu().numpy()) if as_numpy else out
 
@@ -309,12 +308,113 @@ def _last_positions(
     return torch.full((b,), t - 1, dtype=torch.int64, device=device)
 
 
+def _check_member_vector(name: str, v: Optional[torch.Tensor], k: int) -> None:
+    if v is None:
+        return
+    check_tensor(name, v)
+    if not v.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {v.dtype}")
+    if tuple(v.shape) != (k,):
+        raise ValueError(f"{name} must have shape [K] = [{k}], got {tuple(v.shape)}")
+
+
+def ensemble_head(
+    hidden: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    lengths: Optional[ArrayLike] = None,
+    padding_side: str = "right",
+    mu: Optional[torch.Tensor] = None,
+    sigma: Optional[torch.Tensor] = None,
+    method: str = "mean",
+    lam: float = 0.5,
+    ddof: int = 0,
+    group_size: Optional[int] = None,
+    check_finite: bool = True,
+    backend: str = "auto",
+) -> EnsembleScores:
+    """K linear reward heads on the last real token of every sequence, reduced over the members, fused.
+
+    Gathers ``x_b = hidden[b, last_b]``, computes the raw member scores ``s[k, b] = weight[k] . x_b +
+    bias[k]`` and reduces them as :func:`ensemble_reduce` does (after ``(s - mu) / sigma`` when given), in
+    ONE kernel (Triton on CUDA by default, the CUDA C++ kernel with ``backend="cuda"``, native C++ on the
+    CPU). Positions other than ``last_b`` are never read, in the forward or the backward: a padded
+    position cannot change a score or a gradient, even if it holds NaN.
+
+    Parameters
+    ----------
+    hidden : [B, T, H] last hidden states (float32 / bfloat16 / float16; float64 on the torch backend).
+    attention_mask : [B, T] or None, nonzero on real tokens; the last nonzero position of each row is
+        scored, so left and right padding both work.
+    weight : [K, H] member weights (cast to ``hidden``'s dtype), on ``hidden``'s device.
+    bias : [K] or None.
+    lengths : [B] integer sequence lengths instead of a mask; with ``padding_side="right"`` the token
+        at ``lengths - 1`` is scored, with ``"left"`` the token at ``T - 1``. With neither a mask nor
+        lengths, the token at ``T - 1`` is scored.
+    mu, sigma : [K] each, or None: per-member calibration statistics (``calibration_stats``); members
+        enter the reduction as ``(s - mu) / sigma``. ``mu = 0, sigma = 1`` leaves them unchanged exactly.
+    method, lam, ddof : the reduction (see :func:`ensemble_reduce`).
+    group_size : n: shape the outputs [P, n] (best-of-n groups of n consecutive sequences).
+    check_finite : raise ValueError when a member score is NaN or Inf, a mask row has no real token or a
+        length lies outside [1, T] (host synchronisations). False makes the call free of host syncs:
+        positions are clamped instead (an empty mask row scores position 0), and a NaN member score
+        makes that sequence's ``combined``, ``mean`` and ``var`` NaN.
+    backend : ``"auto"``, ``"native"``, ``"triton"``, ``"cuda"``, ``"torch"``.
+
+    Returns
+    -------
+    EnsembleScores: ``combined``, ``mean``, ``var`` [B] (or [P, n]) and raw member ``scores`` [K, B]
+    (or [K, P, n]), fp32 (float64 for float64 hidden states), differentiable with respect to
+    ``hidden``, ``weight`` and ``bias``.
+    """
+    check_tensor("hidden", hidden)
+    check_float("hidden", hidden, (torch.float32, torch.bfloat16, torch.float16, torch.float64))
+    check_tensor("weight", weight)
+    check_ndim("weight", weight, 2, "[K, H]")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must have a floating dtype, got {weight.dtype}")
+    k, h = weight.shape
+    if k == 0:
+        raise ValueError("weight must hold at least one member (K >= 1), got shape " + str(tuple(weight.shape)))
+    if hidden.dim() != 3 or hidden.shape[2] != h:
+        raise ValueError(f"hidden must have shape [B, T, H] with H = {h}, got {tuple(hidden.shape)}")
+    _check_member_vector("bias", bias, k)
+    _check_member_vector("mu", mu, k)
+    _check_member_vector("sigma", sigma, k)
+    if (mu is None) != (sigma is None):
+        raise ValueError("mu and sigma must be given together (or neither)")
+    code = _method_code(method)
+    _check_lam_ddof(lam, ddof, k)
+    b, t, _ = hidden.shape
+    if t == 0:
+        raise ValueError("hidden must have at least one position (T >= 1)")
+    check_same_device(hidden=hidden, weight=weight, bias=bias, mu=mu, sigma=sigma)
+    _check_group_size(group_size, b)
+    last = _last_positions(t, b, hidden.device, attention_mask, lengths, padding_side, check_finite)
+    backend = float64_backend("hidden", hidden, backend)
+    compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    if hidden.stride(2) != 1:
+        hidden = hidden.contiguous()
+    weight = weight.to(hidden.dtype)
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    bias = None if bias is None else bias.to(compute)
+    mu = None if mu is None else mu.to(compute)
+    sigma = None if sigma is None else sigma.to(compute)
+    scores, combined, mean, var = ensemble_head_fwd(
+        hidden, last.contiguous(), weight, bias, mu, sigma, code, float(lam), int(ddof), check_finite, backend
+    )
+    return EnsembleScores(combined, mean, var, scores)._map(lambda x: _group(x, group_size))
+
+
 class EnsembleRewardHead(nn.Module):
     """K scalar reward heads on one backbone, stored as one [K, H] weight, fused with the reduction.
 
-    ``forward`` gathers the last real token of every sequence, applies all K heads and reduces them in
-    ONE kernel (Triton on CUDA by default, the CUDA C++ kernel with ``backend="cuda"``, native C++ on the
-    CPU); gradients flow to the heads and the hidden states.
+    ``forward`` calls :func:`ensemble_head` with the module's parameters and buffers: it gathers the last
+    real token of every sequence, applies all K heads and reduces them in ONE kernel; gradients flow to
+    the heads and the hidden states.
 
     Parameters
     ----------
@@ -327,8 +427,10 @@ class EnsembleRewardHead(nn.Module):
         length lies outside [1, T] (host synchronisations). False makes ``forward`` free of host syncs for
         generation loops: positions are clamped instead (an empty mask row scores position 0).
 
-    Buffers ``norm_mean`` and ``norm_std`` ([K], float64) hold calibration statistics once set by
-    ``set_normalization`` or ``calibrate``; the reduction then normalises each member first.
+    Buffers ``norm_mean`` and ``norm_std`` ([K], float64) always exist and are saved in the state dict:
+    0 and 1 (the identity, exact) until ``set_normalization`` or ``calibrate`` stores calibration
+    statistics, so that a state dict round trips between calibrated and uncalibrated heads in every
+    direction. A state dict saved before these buffers were always present loads with the identity.
     """
 
     def __init__(
@@ -344,8 +446,8 @@ class EnsembleRewardHead(nn.Module):
         self.method, self.lam, self.ddof, self.backend, self.check_finite = method, lam, ddof, backend, check_finite
         self.weight = nn.Parameter(torch.empty(num_members, hidden_size, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(num_members, device=device, dtype=dtype)) if bias else None
-        self.register_buffer("norm_mean", None)
-        self.register_buffer("norm_std", None)
+        self.register_buffer("norm_mean", torch.zeros(num_members, dtype=torch.float64, device=device))
+        self.register_buffer("norm_std", torch.ones(num_members, dtype=torch.float64, device=device))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -364,24 +466,39 @@ class EnsembleRewardHead(nn.Module):
         # (a bf16 mu would shift every normalised score), and only follow the device.
         stats = (self.norm_mean, self.norm_std)
         out = super()._apply(fn, *args, **kwargs)
-        if stats[0] is not None:
-            self.norm_mean = stats[0].to(device=self.norm_mean.device)
-            self.norm_std = stats[1].to(device=self.norm_std.device)
+        self.norm_mean = stats[0].to(device=self.norm_mean.device)
+        self.norm_std = stats[1].to(device=self.norm_std.device)
         return out
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # state dicts of uncalibrated heads saved before the buffers were always present lack both keys
+        if prefix + "norm_mean" not in state_dict and prefix + "norm_std" not in state_dict:
+            state_dict[prefix + "norm_mean"] = torch.zeros_like(self.norm_mean)
+            state_dict[prefix + "norm_std"] = torch.ones_like(self.norm_std)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether calibration statistics other than the identity (mu 0, sigma 1) are set (one host sync)."""
+        return bool((self.norm_mean != 0).any() or (self.norm_std != 1).any())
+
+    @torch.no_grad()
     def set_normalization(self, mu: Any, sigma: Any) -> None:
-        """Store per-member calibration statistics ([K] each); ``None, None`` removes them."""
+        """Store per-member calibration statistics ([K] each); ``None, None`` resets them to the identity."""
         if mu is None and sigma is None:
-            self.norm_mean = self.norm_std = None
+            self.norm_mean.zero_()
+            self.norm_std.fill_(1.0)
             return
-        mu_t, sigma_t = _normalization((mu, sigma), self.num_members, self.weight.device, torch.float64)
-        self.norm_mean, self.norm_std = mu_t, sigma_t
+        mu_t, sigma_t = _normalization((mu, sigma), self.num_members, self.norm_mean.device, torch.float64)
+        self.norm_mean.copy_(mu_t)
+        self.norm_std.copy_(sigma_t)
 
     @torch.no_grad()
     def calibrate(self, hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> None:
         """Set the normalisation from the members' raw scores on a reference batch (mean and population std)."""
-        self.set_normalization(None, None)
-        scores = self(hidden, attention_mask, **kwargs).scores
+        scores = self(hidden, attention_mask, **kwargs).scores  # raw scores do not depend on the normalisation
         self.set_normalization(*calibration_stats(scores.reshape(self.num_members, -1)))
 
     def forward(
@@ -397,17 +514,14 @@ class EnsembleRewardHead(nn.Module):
         ddof: Optional[int] = None,
         backend: Optional[str] = None,
     ) -> EnsembleScores:
-        """Score each sequence with all K heads and reduce.
+        """Score each sequence with all K heads and reduce: :func:`ensemble_head` with this module's
+        weight, bias and calibration buffers.
 
         Parameters
         ----------
         hidden : [B, T, H] last hidden states (float32 / bfloat16 / float16; float64 on the torch backend).
-        attention_mask : [B, T], nonzero on real tokens; the last nonzero position of each row is scored,
-            so left and right padding both work.
-        lengths : [B] integer sequence lengths instead of a mask; with ``padding_side="right"`` the token
-            at ``lengths - 1`` is scored, with ``"left"`` the token at ``T - 1``.
-            With neither, the token at ``T - 1`` is scored.
-        group_size : n: shape the outputs [P, n] (best-of-n groups of n consecutive sequences).
+        attention_mask : [B, T], nonzero on real tokens (see :func:`ensemble_head`).
+        lengths, padding_side, group_size : see :func:`ensemble_head`.
         method, lam, ddof, backend : override the module's defaults for this call.
 
         Returns
@@ -415,37 +529,12 @@ class EnsembleRewardHead(nn.Module):
         EnsembleScores: ``combined``, ``mean``, ``var`` [B] (or [P, n]) and raw member ``scores`` [K, B]
         (or [K, P, n]), fp32 (float64 for float64 hidden states), differentiable.
         """
-        method = self.method if method is None else method
-        lam = self.lam if lam is None else lam
-        ddof = self.ddof if ddof is None else ddof
-        backend = self.backend if backend is None else backend
-        code = _method_code(method)
-        _check_lam_ddof(lam, ddof, self.num_members)
-        if not isinstance(hidden, torch.Tensor):
-            raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
-        check_float("hidden", hidden, (torch.float32, torch.bfloat16, torch.float16, torch.float64))
-        if hidden.dim() != 3 or hidden.shape[2] != self.hidden_size:
-            raise ValueError(f"hidden must have shape [B, T, H] with H = {self.hidden_size}, got {tuple(hidden.shape)}")
-        b, t, _ = hidden.shape
-        if t == 0:
-            raise ValueError("hidden must have at least one position (T >= 1)")
-        check_same_device(hidden=hidden, weight=self.weight)
-        _check_group_size(group_size, b)
-        last = _last_positions(t, b, hidden.device, attention_mask, lengths, padding_side, self.check_finite)
-        backend = _resolve_float64(hidden, backend, "hidden states")
-        compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        if hidden.stride(2) != 1:
-            hidden = hidden.contiguous()
-        weight = self.weight.to(hidden.dtype)
-        if weight.stride(1) != 1:
-            weight = weight.contiguous()
-        bias = None if self.bias is None else self.bias.to(compute)
-        mu = None if self.norm_mean is None else self.norm_mean.to(compute)
-        sigma = None if self.norm_std is None else self.norm_std.to(compute)
-        scores, combined, mean, var = ensemble_head_fwd(
-            hidden, last.contiguous(), weight, bias, mu, sigma, code, float(lam), ddof, self.check_finite, backend
+        return ensemble_head(
+            hidden, attention_mask, self.weight, self.bias, lengths=lengths, padding_side=padding_side,
+            mu=self.norm_mean, sigma=self.norm_std, method=self.method if method is None else method,
+            lam=self.lam if lam is None else lam, ddof=self.ddof if ddof is None else ddof, group_size=group_size,
+            check_finite=self.check_finite, backend=self.backend if backend is None else backend,
         )
-        return EnsembleScores(combined, mean, var, scores)._map(lambda x: _group(x, group_size))
 
     def pairwise_loss(
         self,
@@ -470,76 +559,3 @@ class EnsembleRewardHead(nn.Module):
         if bootstrap:
             weights = bootstrap_weights(self.num_members, hidden.shape[0] // 2, generator).to(scores.device)
         return bradley_terry_loss(scores, weights, per_member=per_member)
-
-
-# ---- K separate reward models -----------------------------------------------------------------------
-
-
-def _member_scores(out: Any, k: int, batch: Optional[int]) -> torch.Tensor:
-    logits = getattr(out, "logits", out)
-    if isinstance(logits, (tuple, list)):
-        logits = logits[0]
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"reward model {k} returned {type(out).__name__}; expected a tensor or an output with .logits")
-    if logits.dim() == 2 and logits.shape[1] == 1:
-        logits = logits[:, 0]
-    if logits.dim() != 1 or (batch is not None and logits.shape[0] != batch):
-        raise ValueError(f"reward model {k} returned scores of shape {tuple(logits.shape)}; expected [B] or [B, 1]"
-                         + (f" with B = {batch}" if batch is not None else ""))
-    return logits
-
-
-class RewardEnsemble(nn.Module):
-    """K reward models sharing a tokenizer, scored on one batch and reduced on the device.
-
-    Parameters
-    ----------
-    models : K Hugging Face ``*ForSequenceClassification`` models with ``num_labels=1`` (or any callables
-        returning [B] / [B, 1] scores, or an output with ``.logits``), all taking the same inputs.
-    method, lam, ddof, normalize : the reduction (see ``ensemble_reduce``); ``normalize`` = (mu, sigma) [K].
-    backend : backend of the reduction.
-    """
-
-    def __init__(
-        self, models: Sequence[Callable], *, method: str = "mean", lam: float = 0.5, ddof: int = 0,
-        normalize: Normalize = None, backend: str = "auto",
-    ) -> None:
-        super().__init__()
-        models = list(models)
-        if not models:
-            raise ValueError("models must hold at least one reward model")
-        for i, m in enumerate(models):
-            if not callable(m):
-                raise TypeError(f"models[{i}] is not callable: {type(m).__name__}")
-        _method_code(method)
-        _check_lam_ddof(lam, ddof, len(models))
-        self.members = nn.ModuleList(m for m in models if isinstance(m, nn.Module))
-        self._models = models
-        self.method, self.lam, self.ddof, self.normalize, self.backend = method, lam, ddof, normalize, backend
-
-    @property
-    def num_members(self) -> int:
-        return len(self._models)
-
-    def member_scores(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """[K, B] fp32 scores: each model called with the same arguments, stacked on the first one's device."""
-        rows = []
-        batch = None
-        for k, model in enumerate(self._models):
-            s = _member_scores(model(*args, **kwargs), k, batch)
-            batch = s.shape[0]
-            rows.append(s)
-        device = rows[0].device
-        return torch.stack([r.to(device=device, dtype=torch.float32) for r in rows])
-
-    def forward(self, *args: Any, group_size: Optional[int] = None, method: Optional[str] = None,
-                lam: Optional[float] = None, ddof: Optional[int] = None, **kwargs: Any) -> EnsembleScores:
-        """Score a batch with every model (same ``args``/``kwargs``, e.g. ``input_ids``, ``attention_mask``)
-        and reduce; returns EnsembleScores with raw member ``scores`` [K, B] (or [K, P, n])."""
-        scores = self.member_scores(*args, **kwargs)
-        out = ensemble_reduce(
-            scores, self.method if method is None else method, self.lam if lam is None else lam,
-            self.ddof if ddof is None else ddof, self.normalize, group_size=group_size, backend=self.backend,
-        )
-        out.scores = _group(scores, group_size)
-        return out

@@ -8,6 +8,7 @@ scored rows on the CPU and two small GEMMs on the gathered last-token rows elsew
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -21,6 +22,11 @@ METHODS = ("mean", "wco", "uwo")  # index = method code of the kernels
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _on_device(t: torch.Tensor):
+    """Runs a launch under ``t``'s CUDA device (its stream and context), not the current one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -51,23 +57,33 @@ def ensemble_reduce_fwd(
     scores: torch.Tensor, mu: Optional[torch.Tensor], sigma: Optional[torch.Tensor],
     method: int, lam: float, ddof: int, check_finite: bool, backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Raw op: ``(combined, mean, var)`` [N] of ``scores`` [K, N] (unit column stride)."""
+    """Raw op: ``(combined, mean, var)`` [N] of ``scores`` [K, N] (unit column stride). A NaN member
+    makes all three NaN for its sample on every backend."""
     if check_finite:
         _check_finite("ensemble_reduce", scores, "scores")
-    chosen = resolve_backend(backend, scores.device, "ensemble_reduce")
+    return _launch_reduce(resolve_backend(backend, scores.device, "ensemble_reduce"), scores, mu, sigma, method,
+                          lam, ddof)
+
+
+def _launch_reduce(
+    chosen: str, scores: torch.Tensor, mu: Optional[torch.Tensor], sigma: Optional[torch.Tensor], method: int,
+    lam: float, ddof: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one backend ladder of ``ensemble_reduce_fwd``."""
     if chosen == "torch":
         return _unaliased(reference.ensemble_reduce(scores, METHODS[method], lam, ddof, mu, sigma, _compute_dtype(scores)))
-    if chosen == "triton":
-        return triton_kernels("ensemble").ensemble_reduce(scores, mu, sigma, method, lam, ddof)
-    k, n = scores.shape
-    out = [torch.empty(n, dtype=torch.float32, device=scores.device) for _ in range(3)]
-    args = (scores.data_ptr(), dtype_code(scores), k, n, scores.stride(0), _ptr(mu), _ptr(sigma), method, lam, ddof,
-            *(t.data_ptr() for t in out))
-    if chosen == "cuda":
-        native_module().ensemble_reduce_cuda(*args, cuda_stream(scores))
-    else:
-        native_module().ensemble_reduce_cpu(*args)
-    return tuple(out)
+    with _on_device(scores):
+        if chosen == "triton":
+            return triton_kernels("ensemble").ensemble_reduce(scores, mu, sigma, method, lam, ddof)
+        k, n = scores.shape
+        out = [torch.empty(n, dtype=torch.float32, device=scores.device) for _ in range(3)]
+        args = (scores.data_ptr(), dtype_code(scores), k, n, scores.stride(0), _ptr(mu), _ptr(sigma), method, lam,
+                ddof, *(t.data_ptr() for t in out))
+        if chosen == "cuda":
+            native_module().ensemble_reduce_cuda(*args, cuda_stream(scores))
+        else:
+            native_module().ensemble_reduce_cpu(*args)
+        return tuple(out)
 
 
 @ensemble_reduce_fwd.register_fake
@@ -134,14 +150,25 @@ def ensemble_head_fwd(
     ``hidden`` [B, T, H] and ``weight`` [K, H] share a dtype and have unit last-dimension stride;
     ``last`` [B] int64 in [0, T); ``bias``, ``mu``, ``sigma`` [K] in the compute dtype or None.
     """
-    chosen = resolve_backend(backend, hidden.device, "ensemble_head")
+    out = _launch_head_forward(resolve_backend(backend, hidden.device, "ensemble_head"), hidden, last, weight, bias,
+                               mu, sigma, method, lam, ddof)
+    if check_finite:
+        _check_finite("EnsembleRewardHead", out[0], "the member score [k, b]")
+    return tuple(out)
+
+
+def _launch_head_forward(
+    chosen: str, hidden: torch.Tensor, last: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    mu: Optional[torch.Tensor], sigma: Optional[torch.Tensor], method: int, lam: float, ddof: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one backend ladder of ``ensemble_head_fwd``."""
     if chosen == "torch":
-        out = _unaliased(reference.ensemble_head(hidden, last, weight, bias, METHODS[method], lam, ddof, mu, sigma,
-                                                 _compute_dtype(hidden)))
-    elif chosen == "triton":
-        out = triton_kernels("ensemble").ensemble_head_forward(hidden, last, weight, bias, mu, sigma, method, lam,
-                                                               ddof)
-    else:
+        return _unaliased(reference.ensemble_head(hidden, last, weight, bias, METHODS[method], lam, ddof, mu, sigma,
+                                                  _compute_dtype(hidden)))
+    with _on_device(hidden):
+        if chosen == "triton":
+            return triton_kernels("ensemble").ensemble_head_forward(hidden, last, weight, bias, mu, sigma, method,
+                                                                    lam, ddof)
         b, _, h = hidden.shape
         k = weight.shape[0]
         scores = torch.empty((k, b), dtype=torch.float32, device=hidden.device)
@@ -153,10 +180,7 @@ def ensemble_head_fwd(
             native_module().ensemble_head_forward_cuda(*args, cuda_stream(hidden))
         else:
             native_module().ensemble_head_forward_cpu(*args)
-        out = (scores, *rest)
-    if check_finite:
-        _check_finite("EnsembleRewardHead", out[0], "the member score [k, b]")
-    return tuple(out)
+        return (scores, *rest)
 
 
 @ensemble_head_fwd.register_fake
@@ -172,11 +196,19 @@ def ensemble_head_bwd(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Raw op: ``(grad_hidden [B, T, H] in hidden's dtype, grad_weight [K, H] in the compute dtype)`` from
     ``grad`` [K, B] = d loss / d raw scores; an output not asked for comes back as an empty tensor."""
+    return _launch_head_backward(resolve_backend(backend, hidden.device, "ensemble_head"), grad, hidden, last,
+                                 weight, need_hidden, need_weight)
+
+
+def _launch_head_backward(
+    chosen: str, grad: torch.Tensor, hidden: torch.Tensor, last: torch.Tensor, weight: torch.Tensor,
+    need_hidden: bool, need_weight: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The one backend ladder of ``ensemble_head_bwd``: one native pass over the scored rows on the CPU,
+    two small GEMMs on the gathered rows elsewhere (only ``hidden[b, last[b]]`` is ever read)."""
     b, _, h = hidden.shape
     k = weight.shape[0]
-    dtype = grad.dtype
     grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_hidden else hidden.new_empty(0)
-    chosen = resolve_backend(backend, hidden.device, "ensemble_head")
     if chosen == "native":
         grad_weight = torch.empty((k, h), dtype=torch.float32) if need_weight else grad.new_empty(0)
         native_module().ensemble_head_backward_cpu(
@@ -188,8 +220,8 @@ def ensemble_head_bwd(
         return grad_hidden, grad_weight
     rows = torch.arange(b, device=hidden.device)
     if need_hidden:
-        grad_hidden[rows, last] = (grad.t() @ weight.to(dtype)).to(hidden.dtype)
-    grad_weight = grad @ hidden[rows, last].to(dtype) if need_weight else grad.new_empty(0)
+        grad_hidden[rows, last] = (grad.t() @ weight.to(grad.dtype)).to(hidden.dtype)
+    grad_weight = grad @ hidden[rows, last].to(grad.dtype) if need_weight else grad.new_empty(0)
     return grad_hidden, grad_weight
 
 

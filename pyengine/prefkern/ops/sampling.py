@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple, Union
 
 import torch
 
 from .. import reference
-from .._validation import FLOAT_DTYPES, check_float, check_index, check_ndim, check_tensor
+from .._validation import (
+    FLOAT_DTYPES, INT64_MAX, INT64_MIN, check_float, check_index, check_integer, check_ndim, check_number,
+    check_tensor,
+)
 from ..dispatch import resolve_backend
 from ._backends import cuda_stream, dtype_code, native_module, triton_kernels
 
 Number = Union[int, float]
+
+# the smallest positive float32 temperature whose reciprocal is finite in float32
+MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
+
+
+def _on_device(t: torch.Tensor):
+    """Runs a launch under ``t``'s CUDA device (its stream and context), not the current one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 @torch.library.custom_op("prefkern::sample", mutates_args=())
@@ -21,34 +33,43 @@ def sample_op(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Raw op: ``(tokens [R] int64, logprobs [R] float32)``; every per-row argument is a contiguous [R]
     tensor (temperature/top_p/min_p float32, top_k/seed/offset/row_index int64). A token of -1 marks a
-    row with a NaN or +inf logit or without any finite logit."""
-    r = row_index.shape[0]
-    v = logits.shape[1]
+    row with a NaN or +inf logit, without any finite logit, or whose ``logits / temperature`` overflows."""
     chosen = resolve_backend(backend, logits.device, "sample")
-    tokens = torch.empty(r, dtype=torch.int64, device=logits.device)
-    logprobs = torch.empty(r, dtype=torch.float32, device=logits.device)
-    if r == 0:
-        return tokens, logprobs
+    if row_index.shape[0] == 0:
+        return (torch.empty(0, dtype=torch.int64, device=logits.device),
+                torch.empty(0, dtype=torch.float32, device=logits.device))
+    return _launch_sample(chosen, logits, row_index, temperature, top_k, top_p, min_p, seed, offset)
+
+
+def _launch_sample(
+    chosen: str, logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+    top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The one backend ladder of ``sample_op`` (R >= 1 rows)."""
     if chosen == "torch":
         rows = logits.index_select(0, row_index)
         x = rows.float()
-        bad = ~((x < float("inf")).all(dim=-1) & (x > -float("inf")).any(dim=-1))
+        bad = _unusable_rows(x, temperature)
         safe = torch.where(bad.unsqueeze(-1), torch.zeros_like(x), x)
         tok, lp = reference.sample(safe, temperature, top_k, top_p, min_p, seed=seed, offset=offset,
                                    return_logprobs=True)
         lp = torch.where(temperature == 0, torch.zeros_like(lp), lp)
         return torch.where(bad, torch.full_like(tok, -1), tok), torch.where(bad, torch.zeros_like(lp), lp)
-    if chosen == "triton":
-        return triton_kernels("sampling").sample(logits, row_index, temperature, top_k, top_p, min_p, seed, offset)
-    mod = native_module()
-    args = (logits.data_ptr(), dtype_code(logits), r, v, logits.stride(0), row_index.data_ptr(),
-            temperature.data_ptr(), top_k.data_ptr(), top_p.data_ptr(), min_p.data_ptr(), seed.data_ptr(),
-            offset.data_ptr(), tokens.data_ptr(), logprobs.data_ptr())
-    if chosen == "native":
-        mod.sample_cpu(*args)
-    else:
-        mod.sample_cuda(*args, cuda_stream(logits))
-    return tokens, logprobs
+    with _on_device(logits):
+        if chosen == "triton":
+            return triton_kernels("sampling").sample(logits, row_index, temperature, top_k, top_p, min_p, seed,
+                                                     offset)
+        r, v = row_index.shape[0], logits.shape[1]
+        tokens = torch.empty(r, dtype=torch.int64, device=logits.device)
+        logprobs = torch.empty(r, dtype=torch.float32, device=logits.device)
+        args = (logits.data_ptr(), dtype_code(logits), r, v, logits.stride(0), row_index.data_ptr(),
+                temperature.data_ptr(), top_k.data_ptr(), top_p.data_ptr(), min_p.data_ptr(), seed.data_ptr(),
+                offset.data_ptr(), tokens.data_ptr(), logprobs.data_ptr())
+        if chosen == "native":
+            native_module().sample_cpu(*args)
+        else:
+            native_module().sample_cuda(*args, cuda_stream(logits))
+        return tokens, logprobs
 
 
 @sample_op.register_fake
@@ -58,7 +79,8 @@ def _(logits, row_index, temperature, top_k, top_p, min_p, seed, offset, backend
 
 
 def _per_row(name: str, value, rows: int, device: torch.device, dtype: torch.dtype, integer: bool) -> torch.Tensor:
-    """A contiguous [rows] tensor from one number or a [rows] (or [1]) tensor."""
+    """A contiguous [rows] tensor from one number (Python or NumPy; integers within int64) or a [rows]
+    (or [1]) tensor."""
     if isinstance(value, torch.Tensor):
         if integer:
             check_index(name, value)
@@ -69,17 +91,38 @@ def _per_row(name: str, value, rows: int, device: torch.device, dtype: torch.dty
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but logits is on {device}")
         return value.to(dtype).reshape(-1).expand(rows).contiguous()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
-    if integer and not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    try:
+        number = check_number(name, value)
+    except TypeError:
+        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}") from None
+    except ValueError:  # NaN: the value checks below report it with the range
+        number = float("nan")
+    if integer:
+        value = check_integer(name, value, low=INT64_MIN, high=INT64_MAX)
+    elif name == "temperature" and 0 < number < MIN_TEMPERATURE:
+        raise ValueError(_tiny_temperature(number))
+    else:
+        value = number
     return torch.full((rows,), value, dtype=dtype, device=device)
+
+
+def _tiny_temperature(value: float) -> str:
+    return (f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:.4g}, got {value:.4g}: 1 / temperature "
+            "overflows float32 (pass temperature=0 for greedy decoding)")
+
+
+def _unusable_rows(x: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """[R] bool: rows the kernels give token -1: a NaN or +inf logit, no finite logit, or (sampled rows)
+    a logit that ``* (1 / temperature)`` takes to +inf in float32."""
+    bad = ~((x < float("inf")).all(dim=-1) & (x > -float("inf")).any(dim=-1))
+    inv_t = torch.where(temperature > 0, 1.0 / temperature, torch.ones_like(temperature))
+    return bad | ((x * inv_t.unsqueeze(-1)) == float("inf")).any(dim=-1)
 
 
 def _torch_multinomial(logits, row_index, temp, k, tp, mp, generator):
     """The reference draw with ``torch.multinomial`` on ``generator`` (backend="torch", no seed)."""
     x = logits.index_select(0, row_index).float()
-    bad = ~((x < float("inf")).all(dim=-1) & (x > -float("inf")).any(dim=-1))
+    bad = _unusable_rows(x, temp)
     safe = torch.where(bad.unsqueeze(-1), torch.zeros_like(x), x)
     tok, lp = reference.sample(safe, temp, k, tp, mp, generator=generator, return_logprobs=True)
     lp = torch.where((temp == 0) | bad, torch.zeros_like(lp), lp)
@@ -92,13 +135,15 @@ def _capturing(device: torch.device) -> bool:
 
 def _check_values(temperature: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
                   row_index: torch.Tensor, n_logit_rows: int) -> None:
+    tiny = (temperature > 0) & (temperature < MIN_TEMPERATURE)
     checks = [
         ("temperature", ~(temperature >= 0) | (temperature == float("inf")), "finite numbers >= 0 (0 = greedy)"),
+        ("temperature", tiny, f"0 (greedy) or >= {MIN_TEMPERATURE:.4g} (1 / temperature must be finite in float32)"),
         ("top_p", ~((top_p > 0) & (top_p <= 1)), "in (0, 1]"),
         ("min_p", ~((min_p >= 0) & (min_p <= 1)), "in [0, 1]"),
         ("row_index", (row_index < 0) | (row_index >= n_logit_rows), f"in [0, {n_logit_rows})"),
     ]
-    flags = torch.stack([bad.any() for _, bad, _ in checks]).tolist()  # one host sync for all four
+    flags = torch.stack([bad.any() for _, bad, _ in checks]).tolist()  # one host sync for all five
     for (name, bad, what), flag in zip(checks, flags):
         if flag:
             i = int(bad.nonzero()[0, 0])
@@ -141,13 +186,17 @@ def sample(
     Parameters
     ----------
     logits : [L, V] tensor, float32 / bfloat16 / float16; rows may be strided.
-    temperature : number or [R] tensor, >= 0; 0 means greedy (the first maximum).
-    top_k : int or [R] int tensor; ``None``, ``<= 0`` or ``>= V`` disables it.
+    temperature : number or [R] tensor, >= 0; 0 means greedy (the first maximum). A positive
+        temperature below ``1 / float32 max`` (about 2.9e-39, where ``1 / temperature`` overflows float32)
+        raises ValueError rather than silently becoming greedy; pass 0 for greedy decoding.
+    top_k : int or [R] int tensor; ``None``, ``<= 0`` or ``>= V`` disables it. Numbers may be Python or
+        NumPy scalars (``np.float32``, ``np.int64``), here and below.
     top_p : number or [R] tensor in (0, 1]; ``None`` or 1 disables it.
     min_p : number or [R] tensor in [0, 1]; ``None`` or 0 disables it.
-    seed : int or [R] int64 tensor. ``None``: drawn from ``generator`` (or torch's default generator
-        on the logits' device), one seed per call, without a host sync.
-    offset : int or [R] int64 tensor (default 0): the position in the stream, e.g. the decoding step.
+    seed : int in the int64 range or [R] int64 tensor. ``None``: drawn from ``generator`` (or torch's
+        default generator on the logits' device), one seed per call, without a host sync.
+    offset : int in the int64 range or [R] int64 tensor (default 0): the position in the stream, e.g.
+        the decoding step.
     generator : torch.Generator used when ``seed`` is ``None``; with ``backend="torch"`` and no seed the
         draw is ``torch.multinomial`` on this generator.
     row_index : [R] integer tensor, the logits row of each output row (default ``arange(L)``), so that
@@ -155,14 +204,16 @@ def sample(
     return_logprobs : also return the log-prob of each token under the filtered, renormalised
         distribution it was drawn from (0 for greedy rows).
     validate : check argument values and NaN rows (one host sync). ``None``: on, except while a CUDA
-        graph is being captured. Argument values of CPU tensors are always checked. Unchecked CUDA
-        calls must pass ``row_index`` entries in ``[0, L)``.
+        graph is being captured or ``torch.compile`` is tracing. Argument values of CPU tensors are
+        always checked, except while ``torch.compile`` traces. Unchecked CUDA calls must pass
+        ``row_index`` entries in ``[0, L)``.
     backend : ``"auto"`` (Triton on CUDA, native C++ on CPU), ``"native"``, ``"triton"``, ``"cuda"``, ``"torch"``.
 
     Returns
     -------
     tokens : [R] int64 tensor; and ``logprobs`` : [R] float32 tensor when ``return_logprobs``.
-    Without validation a row with a NaN or +inf logit, or with no finite logit, gives token -1.
+    Without validation a row with a NaN or +inf logit, with no finite logit, or whose logits divided by
+    its temperature overflow float32, gives token -1.
 
     Raises
     ------
@@ -202,9 +253,11 @@ def sample(
         seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_dev).to(dev)
     sd = _per_row("seed", seed, r, dev, torch.int64, True)
     off = _per_row("offset", 0 if offset is None else offset, r, dev, torch.int64, True)
+    tracing = torch.compiler.is_compiling()
     if validate is None:
-        validate = not _capturing(dev)
-    if (validate or dev.type == "cpu") and r > 0:  # on the CPU the check costs no sync: always on
+        validate = not (_capturing(dev) or tracing)
+    # on the CPU the check costs no sync: always on, except while torch.compile traces (no .tolist() there)
+    if (validate or (dev.type == "cpu" and not tracing)) and r > 0:
         _check_values(temp, tp, mp, row_index, n_rows)
     logits = logits.detach()
     if multinomial:
@@ -213,6 +266,12 @@ def sample(
         tokens, logprobs = sample_op(logits, row_index, temp, k, tp, mp, sd, off, backend)
     if validate and r > 0 and bool((tokens < 0).any()):
         i = int((tokens < 0).nonzero()[0, 0])
+        row = logits[int(row_index[i])].float()
+        if bool(torch.isfinite(row).any()) and not bool((torch.isnan(row) | (row == float("inf"))).any()):
+            raise ValueError(
+                f"logits row {int(row_index[i])} (output row {i}) divided by temperature[{i}] = "
+                f"{float(temp[i]):.4g} overflows float32: use a larger temperature, or 0 for greedy decoding"
+            )
         raise ValueError(
             f"logits row {int(row_index[i])} (output row {i}) contains NaN or +inf, or has no finite value: "
             "cannot sample from it"
