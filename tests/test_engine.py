@@ -153,3 +153,65 @@ def test_torch_row_kernel_keeps_max_and_log_sum_apart(offset):
     truth = torch.log_softmax(logits.double(), -1).gather(1, labels[:, None])[:, 0]
     got = prefkern.logprobs(logits, labels, backend="torch")
     torch.testing.assert_close(got.double(), truth, atol=0, rtol=1e-6)
+
+
+def test_mixed_precision_head_is_promoted_and_gradients_keep_their_dtypes():
+    """bf16 hidden states with an fp32 head (a mixed-precision model): the head runs in fp32, dX comes back in
+    bf16 and dW in fp32, equal to the all-fp32 computation on the same (bf16-rounded) hidden states."""
+    hidden, weight, labels = _pair_inputs(seed=2)
+    x16 = hidden.to(torch.bfloat16).requires_grad_()
+    w = weight.clone().requires_grad_()
+    out = prefkern.linear_logprobs(x16, w, labels)
+    out.sum().backward()
+    x32, w32 = x16.detach().float().requires_grad_(), weight.clone().requires_grad_()
+    expect = prefkern.linear_logprobs(x32, w32, labels)
+    expect.sum().backward()
+    torch.testing.assert_close(out, expect)
+    assert x16.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(x16.grad, x32.grad.to(torch.bfloat16))
+    torch.testing.assert_close(w.grad, w32.grad)
+
+
+@pytest.mark.parametrize("mode", ["eager", "stream"])
+def test_autocast_runs_the_head_in_the_autocast_dtype(mode):
+    """Under bf16 autocast the loss equals the one on bf16-cast operands (as F.linear under autocast)."""
+    hidden, weight, labels = _pair_inputs(seed=3)
+    ref = torch.randn(hidden.shape[0]) - 20.0
+    module = prefkern.FusedLinearPreferenceLoss("sigmoid", mode=mode)
+    x = hidden.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x, weight, labels, ref_logps=ref)
+    out.loss.backward()
+    xb = hidden.to(torch.bfloat16).requires_grad_()
+    expect = module(xb, weight.to(torch.bfloat16), labels, ref_logps=ref)
+    expect.loss.backward()
+    torch.testing.assert_close(out.loss, expect.loss)
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, xb.grad.float())
+
+
+@pytest.mark.parametrize("mode", ["eager", "stream"])
+def test_weighted_list_of_loss_types(mode):
+    """TRL's multi-loss (MPO-style) through the module, against the catalog on materialised log-probs."""
+    hidden, weight, labels = _pair_inputs(seed=4)
+    ref = torch.randn(hidden.shape[0]) - 20.0
+    types, weights = ["sigmoid", "sft"], [1.0, 0.3]
+    if mode == "stream":
+        types, weights = ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]
+    x = hidden.clone().requires_grad_()
+    out = prefkern.FusedLinearPreferenceLoss(types, mode=mode, loss_weights=weights)(x, weight, labels, ref_logps=ref)
+    out.loss.backward()
+    x2 = hidden.clone().requires_grad_()
+    tok = prefkern.reference.linear_logprobs(x2.reshape(-1, x2.shape[-1]), weight, labels.reshape(-1)).view(labels.shape)
+    b = labels.shape[0] // 2
+    batch = prefkern.preference_batch(tok, labels != -100)
+    batch.ref_chosen_logps, batch.ref_rejected_logps = ref[:b], ref[b:]
+    expect = prefkern.preference_loss(types, batch=batch, loss_weights=weights)
+    expect.loss.backward()
+    torch.testing.assert_close(out.loss, expect.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_list_loss_type_rejects_other_families():
+    with pytest.raises(ValueError, match="DPO-family"):
+        prefkern.FusedLinearPreferenceLoss(["sigmoid", "simpo"])

@@ -124,8 +124,10 @@ def test_non_contiguous_inputs(backend):
 
 def test_bad_inputs():
     hidden, weight, b, labels = make(4, 8, 10, torch.float32)
-    with pytest.raises(TypeError, match="weight must have the dtype of hidden"):
+    with pytest.raises(TypeError, match="float64 runs on its own"):
         prefkern.linear_logprobs(hidden, weight.double(), labels)
+    with pytest.raises(TypeError, match="weight must have dtype in"):
+        prefkern.linear_logprobs(hidden, weight.to(torch.int32), labels)
     with pytest.raises(ValueError, match=r"hidden must have shape \[..., H\] with H = 8"):
         prefkern.linear_logprobs(hidden[:, :5], weight, labels)
     with pytest.raises(ValueError, match=r"labels must have shape \(4,\)"):

@@ -117,23 +117,25 @@ def check_lm_head(hidden: object, weight: object, labels: object, bias: object =
                   allow_float64: bool = True) -> None:
     """Kinds, dtypes, shapes and devices of ``(hidden, weight, labels, bias)`` before any GEMM.
 
-    hidden ``hidden_shape`` floating (fp32/bf16/fp16, fp64 when ``allow_float64``); weight [V, H] with V > 0 in
-    hidden's dtype; labels int64/int32 with hidden's leading shape; bias None or [V] in hidden's dtype; all on
-    one device. ``names`` are the caller's argument names (compat classes call them ``_input``, ``lin_weight``...).
+    hidden ``hidden_shape`` floating (fp32/bf16/fp16, fp64 when ``allow_float64``); weight [V, H] with V > 0;
+    labels int64/int32 with hidden's leading shape; bias None or [V]; all on one device. hidden, weight and bias
+    may differ in float dtype (a mixed-precision model's bf16 hidden states with an fp32 head): the lm-head then
+    runs in one dtype (:func:`prefkern.ops.lm_head_gemm.matched_operands`), but float64 is never mixed with
+    another dtype. ``names`` are the caller's argument names (compat classes call them ``_input``, ``lin_weight``...).
     """
     nh, nw, nl, nb = names
     check_tensor(nh, hidden)
     check_tensor(nw, weight)
     check_tensor(nl, labels)
-    check_float(nh, hidden, FLOAT_DTYPES + ((torch.float64,) if allow_float64 else ()))
+    floats = FLOAT_DTYPES + ((torch.float64,) if allow_float64 else ())
+    check_float(nh, hidden, floats)
+    check_float(nw, weight, floats)
     check_index(nl, labels)
     if weight.dim() != 2:
         raise ValueError(f"{nw} must have shape [V, H], got {tuple(weight.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"{nh} must have shape {hidden_shape} with H = {weight.shape[1]} ({nw} is [V, H] = "
                          f"{list(weight.shape)}), got {tuple(hidden.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{nw} must have the dtype of {nh} ({hidden.dtype}), got {weight.dtype}")
     if weight.shape[0] == 0:
         raise ValueError(f"{nw} must have V > 0 rows, got {tuple(weight.shape)}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
@@ -143,8 +145,10 @@ def check_lm_head(hidden: object, weight: object, labels: object, bias: object =
         check_tensor(nb, bias)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"{nb} must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"{nb} must have the dtype of {nh} ({hidden.dtype}), got {bias.dtype}")
+        check_float(nb, bias, floats)
+    present = [(n, t.dtype) for n, t in ((nh, hidden), (nw, weight), (nb, bias)) if t is not None]
+    if any(d == torch.float64 for _, d in present) and any(d != torch.float64 for _, d in present):
+        raise TypeError(f"float64 runs on its own (the torch reference): {', '.join(f'{n} is {d}' for n, d in present)}")
     check_same_device(**{nh: hidden, nw: weight, nl: labels, nb: bias})
 
 

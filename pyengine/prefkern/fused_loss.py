@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -51,7 +51,8 @@ class FusedLinearPreferenceLoss(nn.Module):
     Parameters
     ----------
     loss_type : a name of :func:`prefkern.preference_loss` (``"sigmoid"``, ``"ipo"``, ``"simpo"``,
-        ``"orpo"``, ``"cpo"``, ``"kto"``, ``"salt"``, ...; ``"rpo"`` = DPO + NLL). The unpaired types
+        ``"orpo"``, ``"cpo"``, ``"kto"``, ``"salt"``, ...; ``"rpo"`` = DPO + NLL), or a list of DPO-family
+        names summed with ``loss_weights`` (TRL's multi-loss, e.g. MPO ``["sigmoid", "bco_pair", "sft"]``). The unpaired types
         (``"kto"``, ``"apo_zero_unpaired"``) construct a :class:`FusedLinearUnpairedLoss`.
     beta : the loss's beta (passed when the family takes one; default: the family's own default,
         e.g. 0.1 for DPO, 2.0 for SimPO).
@@ -111,10 +112,9 @@ class FusedLinearPreferenceLoss(nn.Module):
         if loss_type == "c3po":
             raise ValueError("c3po adds constraint terms on other prompts: compute its token log-probs with "
                              "prefkern.linear_logprobs and call prefkern.c3po_loss")
-        if not isinstance(loss_type, str) or (loss_type not in LOSS_REGISTRY and loss_type != "rpo"):
-            raise ValueError(f"loss_type {loss_type!r} is not in the catalog; choose from {available_loss_types()}")
+        loss_type = _loss_name_or_list(loss_type)
         check_choice("mode", mode, MODES)
-        per_pair = loss_type in EAGER_LOSS_TYPES
+        per_pair = loss_entry(loss_type, dict(loss_kwargs)).per_pair
         if mode == "eager" and not per_pair:
             raise ValueError(f"mode='eager' needs a loss that decomposes per pair ({sorted(EAGER_LOSS_TYPES)}); "
                              f"{loss_type!r} must stream")
@@ -151,8 +151,9 @@ class FusedLinearPreferenceLoss(nn.Module):
             return self.loss_type, kwargs
         if self.loss_type == "rpo":
             return "rpo", {**kwargs, "rpo_alpha": self.nll_weight}
-        base = "sigmoid" if self.loss_type == "dpo" else self.loss_type
-        return [base, "sft"], {**kwargs, "loss_weights": [1.0, self.nll_weight]}
+        types = list(self.loss_type) if isinstance(self.loss_type, list) else [self.loss_type]
+        weights = list(kwargs.pop("loss_weights", [1.0] * len(types)))
+        return types + ["sft"], {**kwargs, "loss_weights": weights + [self.nll_weight]}
 
     @property
     def engine_options(self) -> EngineOptions:
@@ -324,6 +325,24 @@ class FusedLinearUnpairedLoss(FusedLinearPreferenceLoss):
         else:
             raise ValueError("kl_hidden needs ref_kl_hidden or ref_kl_logps")
         return kwargs
+
+
+def _loss_name_or_list(loss_type: object) -> Union[str, List[str]]:
+    """A catalog name, or a list of DPO-family names (TRL's multi-loss, weighted by ``loss_weights``)."""
+    if isinstance(loss_type, (list, tuple)):
+        if not loss_type:
+            raise ValueError("loss_type must not be an empty list")
+        names = []
+        for t in loss_type:
+            if not isinstance(t, str):
+                raise TypeError(f"loss_type entries must be strings, got {type(t).__name__}")
+            if t not in LOSS_REGISTRY or LOSS_REGISTRY[t].fn is not LOSS_REGISTRY["sigmoid"].fn:
+                raise ValueError(f"a list loss_type combines DPO-family losses (dpo_loss types); {t!r} is not one")
+            names.append("sigmoid" if t == "dpo" else t)
+        return names
+    if not isinstance(loss_type, str) or (loss_type not in LOSS_REGISTRY and loss_type != "rpo"):
+        raise ValueError(f"loss_type {loss_type!r} is not in the catalog; choose from {available_loss_types()}")
+    return loss_type
 
 
 def _parameters(fn) -> frozenset:

@@ -20,6 +20,7 @@ from .._validation import check_labels_in_range, float64_backend
 from ..dispatch import resolve_backend
 from ..losses import PreferenceLossOutput
 from ..ops.linear_logprobs import default_chunk_rows, linear_logprobs
+from ..ops.lm_head_gemm import matched_operands
 from .eager import differentiable_token_logps, eager_gradients, loss_with_gradients
 from .objective import BatchObjective
 
@@ -79,7 +80,8 @@ def fused_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     Parameters
     ----------
     hidden : [R, T, H] validated rows (``[chosen; rejected]``, or examples when ``objective.unpaired``).
-    weight : [V, H]; bias : [V] or None (same dtype as hidden).
+    weight : [V, H]; bias : [V] or None (float dtypes may differ: see
+        :func:`prefkern.ops.lm_head_gemm.matched_operands`; autocast is respected).
     labels : [R, T] int64 (already shifted), ``options.ignore_index`` off the completion.
     objective : the loss bound to this batch; options : :class:`EngineOptions`.
 
@@ -87,6 +89,7 @@ def fused_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     -------
     :class:`FusedResult`.
     """
+    hidden, weight, bias = matched_operands(hidden, weight, bias)
     backend = resolve_backend(float64_backend("hidden", hidden, options.backend), hidden.device, options.op)
     if options.mode == "stream" or backend == "torch" or not objective.per_pair \
             or not wants_gradient(hidden, weight, bias):

@@ -23,7 +23,7 @@ from .. import reference
 from .._validation import check_integer, check_labels_in_range, check_lm_head, float64_backend
 from ..dispatch import BACKENDS, resolve_backend
 from ._backends import device_of, triton_kernels
-from .lm_head_gemm import LmHeadGemms
+from .lm_head_gemm import LmHeadGemms, matched_operands
 from .logprobs import logprobs_rows, logprobs_rows_grad
 
 CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 128 << 20}  # fp32 logits buffer of the chunked path
@@ -250,7 +250,8 @@ def linear_logprobs(
     Parameters
     ----------
     hidden : [..., H] float32 / bfloat16 / float16 (float64 on the torch backend, for gradcheck).
-    weight : [V, H], same dtype as ``hidden`` (the lm-head).
+    weight : [V, H] (the lm-head). hidden, weight and bias may differ in float dtype: under ``torch.autocast``
+        the head runs in the autocast dtype (as ``F.linear``), otherwise in the widest of their dtypes.
     labels : [...] int64/int32, the leading shape of ``hidden``; entries in ``[0, V)`` or ``ignore_index``.
     bias : [V] or None.
     shift : 0 when labels are aligned with hidden positions; 1 for causal-LM labels (position t is
@@ -279,6 +280,7 @@ def linear_logprobs(
     call on a GPU.
     """
     check_lm_head(hidden, weight, labels, bias)
+    hidden, weight, bias = matched_operands(hidden, weight, bias)
     ignore_index = check_integer("ignore_index", ignore_index)
     if mode not in ("auto", "stream", "eager"):
         raise ValueError(f"mode must be 'auto', 'stream' or 'eager', got {mode!r}")

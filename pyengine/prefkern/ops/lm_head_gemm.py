@@ -15,6 +15,8 @@ contributions of late chunks).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import Optional
 
@@ -22,6 +24,27 @@ import torch
 
 _TENSOR_CORE_DTYPES = (torch.bfloat16, torch.float16)
 _FP16_GRAD_TARGET = 2.0 ** 14  # largest power of two a chunk's |dz| max is scaled to (fp16 max is 65504)
+
+
+def matched_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """``(hidden, weight, bias)`` in one dtype, cast differentiably (gradients flow back in each one's dtype).
+
+    Under ``torch.autocast`` on the inputs' device the lm-head runs in the autocast dtype, as ``F.linear`` would
+    (a bf16 copy of an fp32 head per call, as autocast makes); otherwise mixed dtypes (e.g. bf16 hidden states of a
+    mixed-precision model with an fp32 head) are promoted to the widest of them. float64 inputs are never cast.
+    """
+    dtypes = {t.dtype for t in (hidden, weight, bias) if t is not None}
+    if torch.float64 in dtypes and len(dtypes) == 1:
+        return hidden, weight, bias
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type) and torch.float64 not in dtypes:
+        dtype = torch.get_autocast_dtype(device_type)
+    elif len(dtypes) == 1:
+        return hidden, weight, bias
+    else:
+        dtype = functools.reduce(torch.promote_types, dtypes)
+    cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
+    return cast(hidden), cast(weight), cast(bias)
 
 
 def gemm_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -48,6 +71,10 @@ class LmHeadGemms:
         return x.detach().to(self.dtype)
 
     def logits(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        with no_autocast(out):
+            return self._logits(x, out)
+
+    def _logits(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.dtype == torch.float32:
             torch.mm(self.operand(x), self.weight.t(), out=out)
         else:
@@ -68,6 +95,10 @@ class LmHeadGemms:
 
     def grad_hidden(self, g: "GradOperand", out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[k, H] fp32 ``dz @ W`` (into ``out`` when given)."""
+        with no_autocast(g.value):
+            return self._grad_hidden(g, out)
+
+    def _grad_hidden(self, g: "GradOperand", out: Optional[torch.Tensor]) -> torch.Tensor:
         if self.dtype == torch.float32:
             dx = torch.mm(g.value, self.weight, out=out) if out is not None else torch.mm(g.value, self.weight)
         elif out is not None:
@@ -80,6 +111,10 @@ class LmHeadGemms:
         """``dw + dz.T @ x`` in fp32: ``dw`` itself updated on the fp32 path, a new tensor on the tensor-core path
         (cuBLAS's mixed-dtype ``addmm`` writes a new fp32 result; the old one is freed at once, so the peak is
         two fp32 dW for the length of one GEMM)."""
+        with no_autocast(dw):
+            return self._accumulate_grad_weight(dw, g, x)
+
+    def _accumulate_grad_weight(self, dw: torch.Tensor, g: "GradOperand", x: torch.Tensor) -> torch.Tensor:
         if self.dtype == torch.float32:
             return dw.addmm_(g.value.t(), self.operand(x))
         alpha = 1.0 if g.scale is None else 1.0 / g.scale
@@ -88,6 +123,13 @@ class LmHeadGemms:
     @staticmethod
     def grad_bias(dz: torch.Tensor) -> torch.Tensor:
         return dz.sum(dim=0)
+
+
+def no_autocast(t: torch.Tensor):
+    """The GEMMs here pick their own dtypes: an enclosing ``torch.autocast`` must not recast them."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class GradOperand:
@@ -99,4 +141,4 @@ class GradOperand:
         self.value, self.scale = value, scale
 
 
-__all__ = ["LmHeadGemms", "GradOperand", "gemm_dtype"]
+__all__ = ["LmHeadGemms", "GradOperand", "gemm_dtype", "matched_operands"]
