@@ -46,7 +46,7 @@ def test_gpu_chunked_forward_gemms_run_in_the_input_dtype(dtype):
     with FakeTensorMode():
         hidden, weight, labels = fake_cuda_inputs(dtype=dtype)
         with RecordTensors() as rec:
-            logp, lse = chunked_forward(hidden, weight, None, labels, -100, "triton", 5)
+            logp, lse, _ = chunked_forward(hidden, weight, None, labels, -100, "triton", 5)
     assert logp.dtype == lse.dtype == torch.float32
     assert len(rec.gemms) == 3  # 12 rows in chunks of 5
     for name, dtypes in rec.gemms:
@@ -215,3 +215,105 @@ def test_weighted_list_of_loss_types(mode):
 def test_list_loss_type_rejects_other_families():
     with pytest.raises(ValueError, match="DPO-family"):
         prefkern.FusedLinearPreferenceLoss(["sigmoid", "simpo"])
+
+
+TRANSFORMS = [dict(temperature=0.7), dict(logit_scale=0.0625), dict(logit_softcap=3.0),
+              dict(temperature=1.3, logit_scale=2.0, logit_softcap=5.0)]
+
+
+def _materialised_logps(x, w, b, y, temperature=1.0, logit_scale=1.0, logit_softcap=None):
+    z = (x.double() @ w.double().t() + b.double()) * logit_scale
+    if logit_softcap:
+        z = torch.tanh(z / logit_softcap) * logit_softcap
+    return torch.log_softmax(z / temperature, -1)
+
+
+@pytest.mark.parametrize("opts", TRANSFORMS)
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_linear_logprobs_logit_transform_values_and_gradients(opts, backend):
+    """Temperature, logit scale and soft-cap against float64 on materialised logits (fp32 tolerances)."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(9, 12, generator=g) * 2).requires_grad_()
+    w = torch.randn(31, 12, generator=g).requires_grad_()
+    b = torch.randn(31, generator=g).requires_grad_()
+    y = torch.randint(0, 31, (9,), generator=g)
+    y[2] = -100
+    out = prefkern.linear_logprobs(x, w, y, b, backend=backend, chunk_rows=4, **opts)
+    out.sum().backward()
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    truth = _materialised_logps(*leaves, y.clamp(min=0), **opts).gather(1, y.clamp(min=0)[:, None])[:, 0]
+    truth = truth.masked_fill(y == -100, 0.0)
+    truth.sum().backward()
+    torch.testing.assert_close(out.double(), truth.detach(), atol=2e-5, rtol=1e-5)
+    for ours, exact in zip((x, w, b), leaves):
+        torch.testing.assert_close(ours.grad.double(), exact.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_token_stats_against_float64():
+    g = torch.Generator().manual_seed(6)
+    x, w = torch.randn(10, 12, generator=g), torch.randn(29, 12, generator=g)
+    b = torch.zeros(29)
+    y = torch.randint(0, 29, (10,), generator=g)
+    y[0] = -100
+    y[3] = int((x[3] @ w.t()).argmax())  # one label that is the argmax
+    for backend in ("native", "torch"):
+        logp, stats = prefkern.linear_logprobs(x, w, y, backend=backend, temperature=0.8, return_stats=True,
+                                               chunk_rows=3)
+        logq = _materialised_logps(x, w, b, y, temperature=0.8)
+        p = logq.exp()
+        scored = y != -100
+        expect = {
+            "entropy": -(p * logq).sum(-1),
+            "log_sum_p2": torch.log((p * p).sum(-1)),
+            "logit_sum": (x.double() @ w.double().t() / 0.8).sum(-1),
+            "top1": (logq.argmax(-1) == y).double(),
+        }
+        for name, value in expect.items():
+            got = getattr(stats, name)
+            assert got[0] == 0.0, (backend, name)
+            torch.testing.assert_close(got[scored].double(), value[scored], atol=1e-4, rtol=1e-5, msg=name)
+        assert stats.top1[3] == 1.0
+
+
+@pytest.mark.parametrize("opts", TRANSFORMS[2:])
+def test_loss_module_logit_transform_eager_matches_stream(opts):
+    hidden, weight, labels = _pair_inputs(seed=7)
+    ref = torch.randn(hidden.shape[0]) - 20.0
+    results = {}
+    for mode in ("eager", "stream"):
+        x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = prefkern.FusedLinearPreferenceLoss("sigmoid", mode=mode, **opts)(x, w, labels, ref_logps=ref)
+        out.loss.backward()
+        results[mode] = (out.loss, x.grad, w.grad)
+    for a, e in zip(results["eager"], results["stream"]):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+
+
+def test_logit_transform_arguments_are_checked():
+    hidden, weight, labels = _pair_inputs()
+    for kwargs, exc, name in [(dict(temperature=0.0), ValueError, "temperature"),
+                              (dict(logit_softcap=-1.0), ValueError, "logit_softcap"),
+                              (dict(logit_scale="2"), TypeError, "logit_scale"),
+                              (dict(logit_scale=0.0), ValueError, "logit_scale")]:
+        with pytest.raises(exc, match=name):
+            prefkern.linear_logprobs(hidden, weight, labels, **kwargs)
+        with pytest.raises(exc, match=name):
+            prefkern.FusedLinearPreferenceLoss("simpo", **kwargs)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "simpo", "orpo"])
+@pytest.mark.parametrize("mode", ["auto", "stream"])
+def test_loss_module_compiles_fullgraph(loss_type, mode):
+    """torch.compile(fullgraph=True) of the module: same loss and gradients as the uncompiled (eager) call."""
+    torch._dynamo.reset()
+    hidden, weight, labels = _pair_inputs(seed=8)
+    kw = {"ref_logps": torch.randn(hidden.shape[0]) - 20.0} if loss_type == "sigmoid" else {}
+    module = prefkern.FusedLinearPreferenceLoss(loss_type, mode=mode)
+    compiled = torch.compile(module, fullgraph=True)
+    x1, x2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    a = compiled(x1, weight, labels, **kw)
+    b = module(x2, weight, labels, **kw)
+    a.loss.backward()
+    b.loss.backward()
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-6, rtol=1e-5)

@@ -12,6 +12,7 @@ import numbers
 from typing import Optional, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -78,9 +79,19 @@ def float64_backend(name: str, x: torch.Tensor, backend: str) -> str:
     return "torch"
 
 
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read back here: not while tracing (fake / meta tensors, ``torch.compile``)
+    nor during CUDA graph capture (a host sync is not allowed there). Checks that read values are skipped then;
+    the kernels answer bad values with NaN (or token -1) instead of reading out of bounds."""
+    if torch.compiler.is_compiling() or t.device.type == "meta" or is_fake(t):
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def check_finite(name: str, x: torch.Tensor, where: Optional[torch.Tensor] = None) -> None:
-    """ValueError when ``x`` (or ``x[where]``) holds NaN or +-inf. Reads the values: one host sync."""
-    if x.device.type == "meta":
+    """ValueError when ``x`` (or ``x[where]``) holds NaN or +-inf. Reads the values: one host sync (skipped
+    where :func:`values_readable` says no)."""
+    if not values_readable(x):
         return
     vals = x.detach()
     if where is not None:
@@ -98,7 +109,7 @@ def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int, *
     ``kernels_guard``: the caller's kernels write NaN for an out-of-range label instead of reading out of
     bounds; the check is then skipped during CUDA graph capture, where a host sync is not allowed.
     """
-    if kernels_guard and labels.is_cuda and torch.cuda.is_current_stream_capturing():
+    if (kernels_guard and labels.is_cuda and torch.cuda.is_current_stream_capturing()) or not values_readable(labels):
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
@@ -266,13 +277,13 @@ def lengths_input(name: str, x: object, like: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"{name} must be an integer or floating tensor, got {x.dtype}")
     if x.is_floating_point():
         check_finite(name, x)
-    if x.device.type != "meta" and (x < 0).any():
+    if values_readable(x) and (x < 0).any():
         raise ValueError(f"{name} must be >= 0")
     return x.detach().to(like.dtype)
 
 
 def check_positive_lengths(name: str, lengths: torch.Tensor, loss: str) -> None:
-    if lengths.device.type == "meta":
+    if not values_readable(lengths):
         return
     zero = (lengths <= 0).nonzero().flatten().tolist()
     if zero:

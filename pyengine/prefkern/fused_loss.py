@@ -15,6 +15,11 @@ The logits ``[2B, T, V]`` never exist. Two modes (DESIGN.md section 4):
 and the budget are made once per call by :func:`prefkern.fused.fused_loss`; this module only maps its arguments
 onto a :class:`~prefkern.fused.CatalogObjective`.
 
+Under ``torch.compile(fullgraph=True)`` the paired losses stream (the eager pass runs autograd inside forward
+over chunks chosen from the data, which Dynamo cannot trace), and the checks that read values (empty
+completions, non-finite inputs or loss) are skipped while tracing. KTO's outputs are sized by the number of
+desirable examples and break the graph; SALT compiles like the paired losses.
+
 Differentiable outputs, in both modes: ``loss`` and ``losses`` (per pair / per example). Rewards and metrics are
 detached, as in the catalog. In eager mode ``loss`` carries the gradients taken in forward (backpropagate it once);
 a gradient through ``losses`` takes the stream backward (recompute, dX, dW) for what reaches it.
@@ -36,7 +41,7 @@ from .fused.engine import MODES, EngineOptions, default_memory_budget, fused_los
 from .fused.objective import CatalogObjective, CatalogUnpairedObjective
 from .losses import PreferenceLossOutput
 from .losses.registry import LOSS_REGISTRY, available_loss_types, loss_entry
-from .ops.linear_logprobs import linear_logprobs, shift_labels
+from .ops.linear_logprobs import linear_logprobs, logit_transform, shift_labels
 
 #: loss types whose batch loss splits into per-pair (KTO: per-example) shares: eager mode applies to them
 EAGER_LOSS_TYPES = frozenset([name for name, entry in LOSS_REGISTRY.items() if entry.per_pair] + ["rpo"])
@@ -68,6 +73,9 @@ class FusedLinearPreferenceLoss(nn.Module):
     empty_completions : ``"raise"`` (default), ``"drop"`` (TRL >= 0.29; stream only) or ``"keep"``,
         for a pair whose chosen or rejected completion has no scored token.
     ld_alpha : LD-DPO weighting of the sequence sums.
+    temperature, logit_scale, logit_softcap : the model's logits are ``softcap(logit_scale * z) / temperature``
+        (TRL's ``temperature``; Cohere's ``logit_scale``; Gemma 2's ``final_logit_softcapping``), for the policy
+        and the reference pass alike.
     **loss_kwargs : any other option of the family function (``label_smoothing``, ``gamma_beta_ratio``,
         ``cpo_alpha``, ``desirable_weight``, ``form``, ...).
 
@@ -106,6 +114,9 @@ class FusedLinearPreferenceLoss(nn.Module):
         backend: str = "auto",
         empty_completions: str = "raise",
         ld_alpha: Optional[float] = None,
+        temperature: float = 1.0,
+        logit_scale: float = 1.0,
+        logit_softcap: Optional[float] = None,
         **loss_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -138,6 +149,7 @@ class FusedLinearPreferenceLoss(nn.Module):
         self.mode, self.memory_budget, self.backend = mode, memory_budget, backend
         self.shift = check_integer("shift", shift, low=0)
         self.empty_completions, self.ld_alpha = empty_completions, ld_alpha
+        self.transform = logit_transform(temperature, logit_scale, logit_softcap)
         self._takes_beta = beta is not None and "beta" in _parameters(family)
         self._takes_reference = "ref_chosen_logps" in _parameters(family) or "ref_logps" in _parameters(family)
         self.loss_spec, self.loss_kwargs = self._catalog_call(loss_kwargs)
@@ -157,7 +169,8 @@ class FusedLinearPreferenceLoss(nn.Module):
 
     @property
     def engine_options(self) -> EngineOptions:
-        return EngineOptions(self.ignore_index, self.mode, self.backend, self.memory_budget, type(self).__name__)
+        return EngineOptions(self.ignore_index, self.mode, self.backend, self.memory_budget, type(self).__name__,
+                             self.transform)
 
     def _reference_free(self) -> bool:
         return bool(self.loss_kwargs.get("reference_free")) or self.loss_type == "sft" or not self._takes_reference
@@ -229,14 +242,16 @@ class FusedLinearPreferenceLoss(nn.Module):
                              f"got {tuple(ref_hidden.shape)}")
         rw, rb = (ref_weight, ref_bias) if ref_weight is not None else (weight, bias)
         check_lm_head(ref_hidden, rw, labels, rb, names=(name, "ref_weight", "labels", "ref_bias"))
-        return token_logps_no_grad(ref_hidden, rw, rb, labels, self.ignore_index, self.backend)
+        return token_logps_no_grad(ref_hidden, rw, rb, labels, self.ignore_index, self.backend, self.transform)
 
     # ---- token-level loss -------------------------------------------------------------------------------
 
     def _salt(self, hidden, weight, labels, bias, token_weights, mask) -> PreferenceLossOutput:
         if token_weights is None or tuple(token_weights.shape) != tuple(labels.shape):
             raise ValueError(f"loss_type 'salt' needs token_weights of shape {tuple(labels.shape)} ([edited; generated])")
-        token_logps = linear_logprobs(hidden, weight, labels, bias, ignore_index=self.ignore_index, backend=self.backend)
+        t = self.transform
+        token_logps = linear_logprobs(hidden, weight, labels, bias, ignore_index=self.ignore_index, backend=self.backend,
+                                      temperature=t.temperature, logit_scale=t.scale, logit_softcap=t.softcap)
         b = labels.shape[0] // 2
         kwargs = dict(self.loss_kwargs)
         kwargs.setdefault("vocab_size", weight.shape[0])
@@ -316,7 +331,7 @@ class FusedLinearUnpairedLoss(FusedLinearPreferenceLoss):
         kl_labels = shift_labels(kl_labels.to(torch.int64), self.shift, self.ignore_index)
         kl_mask = kl_labels != self.ignore_index
         kwargs = {"kl_policy_logps": (token_logps_no_grad(kl_hidden, weight, bias, kl_labels, self.ignore_index,
-                                                          self.backend) * kl_mask).sum(-1)}
+                                                          self.backend, self.transform) * kl_mask).sum(-1)}
         if ref_kl_hidden is not None:
             kwargs["kl_ref_logps"] = (self._reference_tokens(ref_kl_hidden, ref_weight, ref_bias, weight, bias,
                                                              kl_labels, "ref_kl_hidden") * kl_mask).sum(-1)

@@ -14,9 +14,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..ops.linear_logprobs import linear_logprobs_bwd
-from ..ops.lm_head_gemm import LmHeadGemms
-from ..ops.logprobs import logprobs_rows, logprobs_rows_grad
+from ..ops.linear_logprobs import linear_logprobs_bwd, logit_gradient
+from ..ops.lm_head_gemm import IDENTITY, LmHeadGemms, LogitTransform
+from ..ops.logprobs import logprobs_rows
 from .objective import BatchObjective
 
 EAGER_TOKENS_PER_CHUNK = {"cpu": 1024, "cuda": 4096}
@@ -33,7 +33,7 @@ def chunk_units(units: int, unit_rows: int, t: int, v: int, device: torch.device
 
 def eager_gradients(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-    ignore_index: int, objective: BatchObjective, backend: str, budget: int,
+    ignore_index: int, objective: BatchObjective, backend: str, budget: int, transform: LogitTransform = IDENTITY,
 ) -> Tuple[torch.Tensor, torch.Tensor, Gradients]:
     """Token log-probs, their log-sum-exps and the gradients of ``objective``'s batch loss, chunk by chunk.
 
@@ -44,6 +44,7 @@ def eager_gradients(
     labels : [R, T] int64 targets (already shifted), ``ignore_index`` off the completion.
     objective : gives each chunk's share of the batch loss (:meth:`BatchObjective.chunk_share`).
     backend : a concrete backend of the row kernels; budget : bytes of fp32 logits a chunk may take.
+    transform : the model's scale / soft-cap / temperature of the logits.
 
     Returns
     -------
@@ -59,13 +60,14 @@ def eager_gradients(
 
     need_dx, need_dw = hidden.requires_grad, weight.requires_grad
     need_db = bias is not None and bias.requires_grad
-    head = LmHeadGemms(weight, bias)
+    head = LmHeadGemms(weight, bias, transform)
     dx = torch.zeros((r, t, h), dtype=torch.float32, device=dev) if need_dx else None
     dw = torch.zeros((v, h), dtype=torch.float32, device=dev) if need_dw else None
     db = torch.zeros((v,), dtype=torch.float32, device=dev) if need_db else None
     token_logps = torch.zeros((r, t), dtype=torch.float32, device=dev)
     lse = torch.zeros((r, t), dtype=torch.float32, device=dev)
     buf = torch.empty((unit_rows * chunk * t, v), dtype=torch.float32, device=dev)
+    scratch = torch.empty_like(buf) if transform.softcap else None
     mask = labels != ignore_index
 
     for s in range(0, units, chunk):
@@ -82,14 +84,14 @@ def eager_gradients(
         z = head.logits(x, buf[:nv])
         tok_scored = torch.empty(nv, dtype=torch.float32, device=dev)
         lse_scored = torch.empty(nv, dtype=torch.float32, device=dev)
-        logprobs_rows(z, y, ignore_index, 1.0, backend, tok_scored, lse_scored)
+        logprobs_rows(z, y, ignore_index, transform.row_scale, backend, tok_scored, lse_scored)
         tok = torch.zeros(nr * t, dtype=torch.float32, device=dev).index_copy_(0, scored, tok_scored)
         leaf = tok.view(nr, t).requires_grad_()
         with torch.enable_grad():
             (g,) = torch.autograd.grad(objective.chunk_share(leaf, rows, s, e), leaf)
         token_logps[rows] = tok.view(nr, t)
         lse[rows] = torch.zeros(nr * t, dtype=torch.float32, device=dev).index_copy_(0, scored, lse_scored).view(nr, t)
-        logprobs_rows_grad(g.reshape(-1)[scored].contiguous(), z, y, lse_scored, ignore_index, 1.0, backend, z)
+        z = logit_gradient(head, g.reshape(-1)[scored].contiguous(), z, y, lse_scored, ignore_index, backend, scratch)
         dz = head.grad_operand(z)
         if need_dx:
             dx_rows = torch.zeros((nr * t, h), dtype=torch.float32, device=dev)
@@ -139,28 +141,31 @@ class _EagerTokenLogps(torch.autograd.Function):
     stream mode. Nothing runs unless such a gradient arrives."""
 
     @staticmethod
-    def forward(ctx, token_logps, hidden, weight, bias, labels, lse, ignore_index, backend, chunk_rows):
+    def forward(ctx, token_logps, hidden, weight, bias, labels, lse, ignore_index, backend, chunk_rows, transform):
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.options = (ignore_index, backend, chunk_rows)
+        ctx.options = (ignore_index, backend, chunk_rows, transform)
         return token_logps.clone()
 
     @staticmethod
     def backward(ctx, grad):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[1:4]
-        ignore_index, backend, chunk_rows = ctx.options
+        ignore_index, backend, chunk_rows, t = ctx.options
         h2 = hidden.reshape(-1, hidden.shape[-1])
         dx, dw, db = linear_logprobs_bwd(grad.reshape(-1).to(torch.float32).contiguous(), h2, weight, bias,
                                          labels.reshape(-1).contiguous(), lse, ignore_index, backend, chunk_rows,
-                                         True, need_dx, need_dw, need_db and bias is not None)
+                                         True, t.temperature, t.scale, t.softcap or 0.0,
+                                         need_dx, need_dw, need_db and bias is not None)
         return (None, dx.reshape(hidden.shape) if need_dx else None, dw if need_dw else None, db if need_db else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def differentiable_token_logps(token_logps: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                                bias: Optional[torch.Tensor], labels: torch.Tensor, lse: torch.Tensor,
-                               ignore_index: int, backend: str, chunk_rows: int) -> torch.Tensor:
-    return _EagerTokenLogps.apply(token_logps, hidden, weight, bias, labels, lse, ignore_index, backend, chunk_rows)
+                               ignore_index: int, backend: str, chunk_rows: int,
+                               transform: LogitTransform = IDENTITY) -> torch.Tensor:
+    return _EagerTokenLogps.apply(token_logps, hidden, weight, bias, labels, lse, ignore_index, backend, chunk_rows,
+                                  transform)
 
 
 __all__ = ["EAGER_TOKENS_PER_CHUNK", "chunk_units", "eager_gradients", "loss_with_gradients",

@@ -20,7 +20,7 @@ from .._validation import check_labels_in_range, float64_backend
 from ..dispatch import resolve_backend
 from ..losses import PreferenceLossOutput
 from ..ops.linear_logprobs import default_chunk_rows, linear_logprobs
-from ..ops.lm_head_gemm import matched_operands
+from ..ops.lm_head_gemm import IDENTITY, LogitTransform, matched_operands
 from .eager import differentiable_token_logps, eager_gradients, loss_with_gradients
 from .objective import BatchObjective
 
@@ -35,7 +35,7 @@ class EngineOptions:
     splits per pair and one unit's fp32 logits fit ``memory_budget``), ``"stream"`` or ``"eager"`` (eager whenever
     it applies). backend : row kernels (``"auto"``, ``"native"``, ``"triton"``, ``"cuda"``, ``"torch"``).
     memory_budget : bytes an eager chunk of fp32 logits may take (None: a tenth of free memory).
-    op : the front end's name, for messages.
+    op : the front end's name, for messages. transform : the model's logit scale / soft-cap / temperature.
     """
 
     ignore_index: int = -100
@@ -43,6 +43,7 @@ class EngineOptions:
     backend: str = "auto"
     memory_budget: Optional[int] = None
     op: str = "FusedLinearPreferenceLoss"
+    transform: LogitTransform = IDENTITY
 
 
 @dataclass
@@ -69,6 +70,12 @@ def default_memory_budget(device: torch.device) -> int:
         return 1 << 30
 
 
+@torch.compiler.assume_constant_result
+def _concrete_backend(requested: str, device: torch.device, op: str) -> str:
+    """:func:`prefkern.dispatch.resolve_backend`, a constant for ``torch.compile`` (it reads no tensor)."""
+    return resolve_backend(requested, device, op)
+
+
 def wants_gradient(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -90,9 +97,11 @@ def fused_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     :class:`FusedResult`.
     """
     hidden, weight, bias = matched_operands(hidden, weight, bias)
-    backend = resolve_backend(float64_backend("hidden", hidden, options.backend), hidden.device, options.op)
+    backend = _concrete_backend(float64_backend("hidden", hidden, options.backend), hidden.device, options.op)
+    # under torch.compile the eager pass (autograd inside forward, a loop over data-dependent chunks) is not
+    # traceable: the call streams, whose ops are custom ops with fake implementations
     if options.mode == "stream" or backend == "torch" or not objective.per_pair \
-            or not wants_gradient(hidden, weight, bias):
+            or not wants_gradient(hidden, weight, bias) or torch.compiler.is_compiling():
         return _stream(hidden, weight, bias, labels, objective, options, backend)
     budget = options.memory_budget or default_memory_budget(hidden.device)
     unit_rows = 1 if objective.unpaired else 2
@@ -100,24 +109,29 @@ def fused_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         return _stream(hidden, weight, bias, labels, objective, options, backend)
     objective.check()  # input errors before any GEMM
     check_labels_in_range(labels, weight.shape[0], options.ignore_index)
-    tok, lse, grads = eager_gradients(hidden, weight, bias, labels, options.ignore_index, objective, backend, budget)
+    tok, lse, grads = eager_gradients(hidden, weight, bias, labels, options.ignore_index, objective, backend, budget,
+                                      options.transform)
     tok = differentiable_token_logps(tok, hidden, weight, bias, labels, lse, options.ignore_index, backend,
-                                     default_chunk_rows(weight.shape[0], hidden.device))
+                                     default_chunk_rows(weight.shape[0], hidden.device), options.transform)
     out = objective.evaluate(tok)
     return FusedResult(replace(out, loss=loss_with_gradients(out.loss, hidden, weight, bias, grads)), tok, True)
 
 
 def _stream(hidden, weight, bias, labels, objective, options, backend) -> FusedResult:
-    tok = linear_logprobs(hidden, weight, labels, bias, ignore_index=options.ignore_index, backend=backend)
+    t = options.transform
+    tok = linear_logprobs(hidden, weight, labels, bias, ignore_index=options.ignore_index, backend=backend,
+                          temperature=t.temperature, logit_scale=t.scale, logit_softcap=t.softcap)
     return FusedResult(objective.evaluate(tok), tok, False)
 
 
 def token_logps_no_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        labels: torch.Tensor, ignore_index: int, backend: str) -> torch.Tensor:
+                        labels: torch.Tensor, ignore_index: int, backend: str,
+                        transform: LogitTransform = IDENTITY) -> torch.Tensor:
     """[R, T] fp32 token log-probs without gradient (a reference model's pass: one matmul unit)."""
     with torch.no_grad():
         return linear_logprobs(hidden.detach(), weight.detach(), labels, None if bias is None else bias.detach(),
-                               ignore_index=ignore_index, backend=backend)
+                               ignore_index=ignore_index, backend=backend, temperature=transform.temperature,
+                               logit_scale=transform.scale, logit_softcap=transform.softcap)
 
 
 __all__ = ["EngineOptions", "FusedResult", "MODES", "default_memory_budget", "fused_loss", "token_logps_no_grad",

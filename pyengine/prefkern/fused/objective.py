@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .._validation import values_readable
 from ..losses import PreferenceBatch, PreferenceLossOutput, preference_batch, preference_loss
 from ..losses.registry import loss_entry
 
@@ -114,7 +115,7 @@ class CatalogObjective(BatchObjective):
             self.evaluate(-self.mask.to(torch.float32))
 
     def evaluate(self, token_logps: torch.Tensor) -> PreferenceLossOutput:
-        if self.empty_rows_message is not None and self.mask.device.type != "meta":
+        if self.empty_rows_message is not None and values_readable(self.mask):
             rows = empty_rows(self.mask)
             if rows:
                 raise ValueError(self.empty_rows_message.format(rows=rows))

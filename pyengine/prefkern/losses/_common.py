@@ -6,6 +6,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .._validation import values_readable
 from .outputs import PreferenceLossOutput
 
 
@@ -61,7 +62,7 @@ def finish(
     metrics: Dict[str, torch.Tensor],
 ) -> PreferenceLossOutput:
     """Build the output; refuse to return a non-finite loss (never a silent NaN)."""
-    if loss.device.type != "meta" and not bool(torch.isfinite(loss.detach())):
+    if values_readable(loss) and not bool(torch.isfinite(loss.detach())):
         raise FloatingPointError(
             f"{name}: the loss is not finite ({loss.item()}); the inputs are outside the range where the "
             f"formula is representable in {loss.dtype} (e.g. exp overflow in an f-divergence or a "

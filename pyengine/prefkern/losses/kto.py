@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ._common import finish
-from .._validation import check_number, check_same_device, scalar_input, sequence_inputs
+from .._validation import check_number, check_same_device, scalar_input, sequence_inputs, values_readable
 from .outputs import PreferenceLossOutput
 
 __all__ = ["KTO_LOSS_TYPES", "kto_loss", "kto_mismatched_indices", "kto_weights_in_range"]
@@ -134,7 +134,7 @@ def kto_loss(
     if desirable.dtype != torch.bool:
         if desirable.is_floating_point() or desirable.is_complex():
             raise TypeError(f"desirable must be bool or an integer 0/1 tensor, got {desirable.dtype}")
-        if desirable.device.type != "meta" and not bool(((desirable == 0) | (desirable == 1)).all()):
+        if values_readable(desirable) and not bool(((desirable == 0) | (desirable == 1)).all()):
             raise ValueError("desirable must contain only 0 and 1")
         desirable = desirable != 0
     ref = ref.detach()

@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 
 from ._common import finish, logsig, pair_metrics
-from .._validation import check_number, check_positive_lengths, lengths_input, scalar_input, sequence_inputs
+from .._validation import (
+    check_number, check_positive_lengths, lengths_input, scalar_input, sequence_inputs, values_readable,
+)
 from .outputs import PreferenceLossOutput
 from .reductions import log1mexp
 
@@ -25,7 +27,7 @@ def orpo_log_odds(avg_chosen_logps: torch.Tensor, avg_rejected_logps: torch.Tens
         ``[B]`` log odds-ratios.
     """
     for n, t in (("avg_chosen_logps", avg_chosen_logps), ("avg_rejected_logps", avg_rejected_logps)):
-        if t.device.type != "meta" and (t.detach() >= 0).any():
+        if values_readable(t) and (t.detach() >= 0).any():
             raise ValueError(f"{n} must be < 0 (a geometric-mean token probability P < 1); "
                              f"P = 1 makes log(1 - P) = -inf")
     return (avg_chosen_logps - avg_rejected_logps) - (log1mexp(avg_chosen_logps) - log1mexp(avg_rejected_logps))

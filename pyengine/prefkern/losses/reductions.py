@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._validation import check_finite, check_positive_lengths, check_floating, compute_dtype
+from .._validation import check_finite, check_floating, check_positive_lengths, compute_dtype, values_readable
 from .outputs import PreferenceBatch
 
 __all__ = [
@@ -51,7 +51,7 @@ def _check_token_inputs(token_logps: object, mask: object, name: str = "token_lo
     if mask.dtype != torch.bool:
         if mask.is_floating_point() or mask.is_complex():
             bad = ~((mask == 0) | (mask == 1))
-            if mask.device.type != "meta" and bad.any():
+            if values_readable(mask) and bad.any():
                 raise ValueError("mask must contain only 0 and 1")
         mask = mask != 0
     check_finite(name, token_logps, where=mask)
@@ -152,7 +152,7 @@ def chosen_nll(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     token_logps, mask = _check_token_inputs(token_logps, mask)
     x = _upcast(token_logps)
     n = mask.sum()
-    if mask.device.type != "meta" and int(n) == 0:
+    if values_readable(mask) and int(n) == 0:
         raise ValueError("mask selects no completion token: the token-mean NLL is undefined (0/0)")
     return -torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum() / n.to(x.dtype)
 
@@ -175,7 +175,7 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
         Same shape and dtype as ``x``.
     """
     x = check_floating("x", x)
-    if x.device.type != "meta" and (x.detach() > 0).any():
+    if values_readable(x) and (x.detach() > 0).any():
         raise ValueError("log1mexp needs x <= 0 (a log-probability); got a positive value")
     small = x < -math.log(2.0)
     x_near = torch.where(small, torch.full_like(x, -1.0), x)
@@ -315,7 +315,7 @@ def preference_batch(
     pc_t, pr_t = split_chosen_rejected(policy_token_logps)
     mc, mr = split_chosen_rejected(m)
     kept = None
-    if empty_completions != "keep" and m.device.type != "meta":
+    if empty_completions != "keep" and values_readable(m):
         empty = (mc.sum(1) == 0) | (mr.sum(1) == 0)
         if bool(empty.any()):
             rows = empty.nonzero().flatten().tolist()
@@ -346,7 +346,7 @@ def preference_batch(
             rc, rr = sequence_logps(rc_t, rmc), sequence_logps(rr_t, rmr)
         else:
             rc, rr = ld_sequence_logps(rc_t, rmc, rr_t, rmr, ld_alpha)
-    nll = chosen_nll(pc_t, mc) if bool(mc.any()) else None
+    nll = chosen_nll(pc_t, mc) if not values_readable(mc) or bool(mc.any()) else None
     return PreferenceBatch(
         policy_chosen_logps=pc,
         policy_rejected_logps=pr,

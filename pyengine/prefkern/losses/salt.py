@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ._common import finish
-from .._validation import check_finite, check_number, check_floating, compute_dtype
+from .._validation import check_finite, check_floating, check_number, compute_dtype, values_readable
 from .outputs import PreferenceLossOutput
 from .reductions import log1mexp
 
@@ -175,7 +175,7 @@ def _side(token_logps: object, weights: object, name: str) -> Tuple[torch.Tensor
         raise ValueError(f"{name}_token_logps is empty (B=0)")
     check_finite(f"{name}_weights", w)
     check_finite(f"{name}_token_logps", x, where=w != 0)
-    if x.device.type != "meta" and (x.detach()[w != 0] > 0).any():
+    if values_readable(x) and (x.detach()[w != 0] > 0).any():
         raise ValueError(f"{name}_token_logps must be <= 0 (log-probabilities)")
     return x, w
 

@@ -13,17 +13,19 @@ only rows with a label are computed.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
 
 import torch
 
-from torch._subclasses.fake_tensor import is_fake
-
 from .. import reference
-from .._validation import check_integer, check_labels_in_range, check_lm_head, float64_backend
+from .._validation import (
+    check_flag, check_integer, check_labels_in_range, check_lm_head, check_number, check_positive_finite,
+    float64_backend, values_readable,
+)
 from ..dispatch import BACKENDS, resolve_backend
 from ._backends import device_of, triton_kernels
-from .lm_head_gemm import LmHeadGemms, matched_operands
+from .lm_head_gemm import IDENTITY, LmHeadGemms, LogitTransform, matched_operands
 from .logprobs import logprobs_rows, logprobs_rows_grad
 
 CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 128 << 20}  # fp32 logits buffer of the chunked path
@@ -31,14 +33,6 @@ CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 128 << 20}  # fp32 logits buffer of the 
 
 def default_chunk_rows(vocab: int, device: torch.device) -> int:
     return max(1, CHUNK_BYTES.get(device.type, 32 << 20) // (4 * max(vocab, 1)))
-
-
-def values_readable(t: torch.Tensor) -> bool:
-    """Whether ``t``'s values can be read back here: not while tracing (fake / meta tensors, torch.compile) nor
-    during CUDA graph capture (a host sync is not allowed there)."""
-    if t.device.type == "meta" or is_fake(t) or torch.compiler.is_compiling():
-        return False
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def scored_rows(labels: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
@@ -61,35 +55,74 @@ def _take(t: torch.Tensor, rows: Optional[torch.Tensor], s: int, e: int) -> torc
     return t.narrow(0, s, e - s) if rows is None else t.index_select(0, rows.narrow(0, s, e - s))
 
 
-def chunked_forward(hidden, weight, bias, labels, ignore_index, backend, chunk_rows):
-    """``(logp [N], lse [N])`` fp32, ``chunk_rows`` scored rows at a time through the lm-head GEMM."""
+STATS = ("entropy", "log_sum_p2", "logit_sum", "top1")  # columns of the optional per-token statistics
+
+
+def row_stats(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, row_scale: float,
+              ignore_index: int) -> torch.Tensor:
+    """[k, 4] fp32 per-row statistics of the distribution ``softmax(row_scale * z)`` (0 on ignored rows):
+    entropy, ``log sum_v p_v^2`` (WPO's weight), the sum of the scaled logits, and whether the label is the
+    argmax (1.0 / 0.0). Two chunk-sized temporaries; the row kernels do not fuse these yet."""
+    s = z * row_scale
+    p = torch.exp(s - lse.unsqueeze(-1))
+    out = torch.stack([
+        lse - (p * s).sum(dim=-1),
+        torch.logsumexp(s.mul_(2.0), dim=-1) - 2.0 * lse,
+        z.sum(dim=-1) * row_scale,
+        (z.argmax(dim=-1) == labels).to(torch.float32),
+    ], dim=-1)
+    return out.masked_fill_((labels == ignore_index).unsqueeze(-1), 0.0)
+
+
+def logit_gradient(head: LmHeadGemms, grad: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                   ignore_index: int, backend: str, scratch: Optional[torch.Tensor]) -> torch.Tensor:
+    """The chunk's logit gradient ``d(sum_n grad[n] logp[n]) / d(x W^T + b)`` [k, V] fp32: written over the
+    logits ``z`` in place, or into ``scratch`` when the transform soft-caps (its derivative needs ``z``)."""
+    if head.transform.softcap is None:
+        logprobs_rows_grad(grad, z, labels, lse, ignore_index, head.transform.row_scale, backend, z)
+        return z
+    out = scratch.narrow(0, 0, z.shape[0])
+    logprobs_rows_grad(grad, z, labels, lse, ignore_index, head.transform.row_scale, backend, out)
+    return head.transform.chain_(out, z)
+
+
+def chunked_forward(hidden, weight, bias, labels, ignore_index, backend, chunk_rows,
+                    transform: LogitTransform = IDENTITY, with_stats: bool = False):
+    """``(logp [N], lse [N], stats [N, 4] or [0, 4])`` fp32, ``chunk_rows`` scored rows at a time through the
+    lm-head GEMM."""
     n = hidden.shape[0]
     v = weight.shape[0]
     logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
     lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    stats = torch.zeros((n if with_stats else 0, len(STATS)), dtype=torch.float32, device=hidden.device)
     rows = scored_rows(labels, ignore_index)
     m = n if rows is None else rows.numel()
     if m == 0:
-        return logp, lse
-    head = LmHeadGemms(weight, bias)
+        return logp, lse, stats
+    head = LmHeadGemms(weight, bias, transform)
     buf = torch.empty((min(chunk_rows, m), v), dtype=torch.float32, device=hidden.device)
     for s in range(0, m, chunk_rows):
         e = min(m, s + chunk_rows)
         z = head.logits(_take(hidden, rows, s, e), buf.narrow(0, 0, e - s))
         y = _take(labels, rows, s, e)
+        part_logp, part_lse = (logp.narrow(0, s, e - s), lse.narrow(0, s, e - s)) if rows is None else \
+            (logp.new_empty(e - s), lse.new_empty(e - s))
+        logprobs_rows(z, y, ignore_index, transform.row_scale, backend, part_logp, part_lse)
+        part_stats = row_stats(z, part_lse, y, transform.row_scale, ignore_index) if with_stats else None
         if rows is None:
-            logprobs_rows(z, y, ignore_index, 1.0, backend, logp.narrow(0, s, e - s), lse.narrow(0, s, e - s))
+            if with_stats:
+                stats.narrow(0, s, e - s).copy_(part_stats)
         else:
-            part_logp, part_lse = logp.new_empty(e - s), lse.new_empty(e - s)
-            logprobs_rows(z, y, ignore_index, 1.0, backend, part_logp, part_lse)
             sel = rows.narrow(0, s, e - s)
             logp.index_copy_(0, sel, part_logp)
             lse.index_copy_(0, sel, part_lse)
-    return logp, lse
+            if with_stats:
+                stats.index_copy_(0, sel, part_stats)
+    return logp, lse, stats
 
 
 def chunked_backward(grad, hidden, weight, bias, labels, lse, ignore_index, backend, chunk_rows,
-                     need_dx, need_dw, need_db):
+                     need_dx, need_dw, need_db, transform: LogitTransform = IDENTITY):
     """``(dX [N, H], dW [V, H], db [V])`` fp32 (None where not needed): each chunk's logits recomputed, the
     logit gradient written over them in place, then the dX and dW GEMMs."""
     n, h = hidden.shape
@@ -102,14 +135,15 @@ def chunked_backward(grad, hidden, weight, bias, labels, lse, ignore_index, back
     m = n if rows is None else rows.numel()
     if m == 0:
         return dx, dw, db
-    head = LmHeadGemms(weight, bias)
+    head = LmHeadGemms(weight, bias, transform)
     buf = torch.empty((min(chunk_rows, m), v), dtype=torch.float32, device=dev)
+    scratch = torch.empty_like(buf) if transform.softcap else None
     for s in range(0, m, chunk_rows):
         e = min(m, s + chunk_rows)
         x = _take(hidden, rows, s, e)
         z = head.logits(x, buf.narrow(0, 0, e - s))
-        logprobs_rows_grad(_take(grad, rows, s, e).contiguous(), z, _take(labels, rows, s, e),
-                           _take(lse, rows, s, e).contiguous(), ignore_index, 1.0, backend, z)
+        z = logit_gradient(head, _take(grad, rows, s, e).contiguous(), z, _take(labels, rows, s, e),
+                           _take(lse, rows, s, e).contiguous(), ignore_index, backend, scratch)
         dz = head.grad_operand(z)
         if need_dx:
             if rows is None:
@@ -141,32 +175,43 @@ def _uses_tiles(backend: str, deterministic: bool) -> bool:
     return backend == "triton" and not deterministic
 
 
+def _transform(temperature: float, logit_scale: float, logit_softcap: float) -> LogitTransform:
+    return LogitTransform(temperature, logit_scale, logit_softcap or None)
+
+
 @torch.library.custom_op("prefkern::linear_logprobs_fwd", mutates_args=())
 def linear_logprobs_fwd(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
     ignore_index: int, backend: str, chunk_rows: int, deterministic: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Raw op: ``(logp [N], lse [N])`` fp32. ``backend``: auto, native, triton or cuda (torch row
-    kernels on chunks when ``auto`` finds neither)."""
+    temperature: float, logit_scale: float, logit_softcap: float, with_stats: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw op: ``(logp [N], lse [N], stats [N, 4] or [0, 4])`` fp32 (``lse`` of the scaled logits;
+    ``logit_softcap`` 0 = off). ``backend``: auto, native, triton or cuda (torch row kernels on chunks when
+    ``auto`` finds neither)."""
     backend = resolve_backend(backend, hidden.device, "linear_logprobs")
     if values_readable(labels):
         check_labels_in_range(labels, weight.shape[0], ignore_index)
     if _uses_tiles(backend, deterministic):
-        return _tile_forward(hidden, weight, bias, labels, ignore_index)
-    return chunked_forward(hidden, weight, bias, labels, ignore_index, backend, chunk_rows)
+        logp, lse = _tile_forward(hidden, weight, bias, labels, ignore_index)
+        return logp, lse, logp.new_zeros((0, len(STATS)))
+    return chunked_forward(hidden, weight, bias, labels, ignore_index, backend, chunk_rows,
+                           _transform(temperature, logit_scale, logit_softcap), with_stats)
 
 
 @linear_logprobs_fwd.register_fake
-def _(hidden, weight, bias, labels, ignore_index, backend, chunk_rows, deterministic):
+def _(hidden, weight, bias, labels, ignore_index, backend, chunk_rows, deterministic, temperature, logit_scale,
+      logit_softcap, with_stats):
     n = hidden.shape[0]
-    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+    return (hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32),
+            hidden.new_empty((n if with_stats else 0, len(STATS)), dtype=torch.float32))
 
 
 @torch.library.custom_op("prefkern::linear_logprobs_bwd", mutates_args=())
 def linear_logprobs_bwd(
     grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     labels: torch.Tensor, lse: torch.Tensor, ignore_index: int, backend: str, chunk_rows: int,
-    deterministic: bool, need_dx: bool, need_dw: bool, need_db: bool,
+    deterministic: bool, temperature: float, logit_scale: float, logit_softcap: float,
+    need_dx: bool, need_dw: bool, need_db: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raw op: ``(dX, dW, db)`` in the dtypes of hidden, weight and bias; an empty tensor where not needed."""
     backend = resolve_backend(backend, hidden.device, "linear_logprobs")
@@ -176,7 +221,7 @@ def linear_logprobs_bwd(
                 grad, hidden, weight, bias, labels, lse, ignore_index, need_dx, need_dw, need_db)
     else:
         dx, dw, db = chunked_backward(grad, hidden, weight, bias, labels, lse, ignore_index, backend, chunk_rows,
-                                      need_dx, need_dw, need_db)
+                                      need_dx, need_dw, need_db, _transform(temperature, logit_scale, logit_softcap))
     return (
         dx.to(hidden.dtype) if dx is not None else hidden.new_empty(0),
         dw.to(weight.dtype) if dw is not None else hidden.new_empty(0),
@@ -185,7 +230,8 @@ def linear_logprobs_bwd(
 
 
 @linear_logprobs_bwd.register_fake
-def _(grad, hidden, weight, bias, labels, lse, ignore_index, backend, chunk_rows, deterministic, need_dx, need_dw, need_db):
+def _(grad, hidden, weight, bias, labels, lse, ignore_index, backend, chunk_rows, deterministic, temperature,
+      logit_scale, logit_softcap, need_dx, need_dw, need_db):
     return (
         torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dx else hidden.new_empty(0),
         torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else hidden.new_empty(0),
@@ -194,34 +240,45 @@ def _(grad, hidden, weight, bias, labels, lse, ignore_index, backend, chunk_rows
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, backend, chunk_rows, deterministic = inputs
-    _, lse = output
-    ctx.mark_non_differentiable(lse)
+    hidden, weight, bias, labels, ignore_index, backend, chunk_rows, deterministic, t, scale, cap, _ = inputs
+    _, lse, stats = output
+    ctx.mark_non_differentiable(lse, stats)
     ctx.save_for_backward(hidden, weight, bias, labels, lse)
-    ctx.options = (ignore_index, backend, chunk_rows, deterministic)
+    ctx.options = (ignore_index, backend, chunk_rows, deterministic, t, scale, cap)
 
 
-def _backward(ctx, grad_logp, _grad_lse):
+def _backward(ctx, grad_logp, _grad_lse, _grad_stats):
     hidden, weight, bias, labels, lse = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     if not (need_dx or need_dw or need_db):
-        return None, None, None, None, None, None, None, None
+        return (None,) * 12
     dx, dw, db = linear_logprobs_bwd(grad_logp.to(torch.float32).contiguous(), hidden, weight, bias, labels, lse,
                                      *ctx.options, need_dx, need_dw, need_db and bias is not None)
-    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
-            None, None, None, None, None)
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None) + (None,) * 9
 
 
 linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def reference_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                              labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """The ``torch`` backend: materialised logits in fp32 (fp64 for fp64 inputs), plain autograd."""
+                              labels: torch.Tensor, ignore_index: int, transform: LogitTransform = IDENTITY,
+                              with_stats: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The ``torch`` backend: materialised logits in fp32 (fp64 for fp64 inputs), plain autograd; the
+    statistics (no gradient) as :func:`row_stats` computes them."""
     if values_readable(labels):
         check_labels_in_range(labels, weight.shape[0], ignore_index)
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    return reference.linear_logprobs(hidden, weight, labels, bias, ignore_index, compute_dtype=dtype)
+    logits = hidden.to(dtype) @ weight.to(dtype).t()
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    scaled = transform.materialised(logits)
+    logp = reference.logprobs(scaled, labels, ignore_index, compute_dtype=dtype)
+    if not with_stats:
+        return logp, None
+    with torch.no_grad():
+        lse = torch.logsumexp(scaled, dim=-1)
+        stats = row_stats(scaled.detach().clone(), lse, labels, 1.0, ignore_index).to(torch.float32)
+    return logp, stats
 
 
 def shift_labels(labels: torch.Tensor, shift: int, ignore_index: int) -> torch.Tensor:
@@ -244,7 +301,11 @@ def linear_logprobs(
     backend: str = "auto",
     chunk_rows: Optional[int] = None,
     deterministic: bool = True,
-) -> torch.Tensor:
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
+    return_stats: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, TokenStats]]:
     """Token log-probs ``log_softmax(hidden @ weight.T + bias)[..., labels]`` without the logits tensor.
 
     Parameters
@@ -270,11 +331,17 @@ def linear_logprobs(
         ``False`` (Triton only): the register-tile kernels in both directions, nothing of size V in memory,
         but dX and dW are summed with fp32 atomics, so their last bits vary from run to run, and the atomic
         traffic (about N H V / 128 + V H N / 64 adds) probably bounds it on a real GPU (not measured).
+    temperature, logit_scale, logit_softcap : the model's logits are ``softcap(scale * z)`` (Cohere's
+        ``logit_scale``, Gemma 2's ``final_logit_softcapping``; None: no cap), divided by ``temperature``
+        before the softmax (:class:`prefkern.ops.lm_head_gemm.LogitTransform`). Chunked paths only.
+    return_stats : also return :class:`TokenStats` (no gradient), computed in the same pass over each chunk:
+        per token the entropy, ``log sum_v p_v^2`` (WPO's weight), the sum of the logits over V and whether the
+        label is the argmax. Chunked paths only; costs two chunk-sized temporaries.
 
     Returns
     -------
     [...] float32 tensor (labels' shape), differentiable w.r.t. hidden, weight and bias for any
-    upstream gradient. No dW/db work is done when weight/bias do not require grad; no state is
+    upstream gradient; with ``return_stats`` a ``(logps, TokenStats)`` pair. No dW/db work is done when weight/bias do not require grad; no state is
     saved under ``torch.no_grad()`` (a reference pass costs one matmul unit). Labels out of range
     raise ``ValueError``; that check and the selection of scored rows cost a host sync or two per
     call on a GPU.
@@ -291,6 +358,8 @@ def linear_logprobs(
         raise ValueError(f"shift must be an int >= 0, got {shift!r}")
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    transform = logit_transform(temperature, logit_scale, logit_softcap)
+    return_stats = check_flag("return_stats", return_stats)
 
     lead = labels.shape
     labels = shift_labels(labels.to(torch.int64), shift, ignore_index).reshape(-1).contiguous()
@@ -299,7 +368,41 @@ def linear_logprobs(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     backend = float64_backend("hidden", hidden, backend)
     if backend == "torch":
-        return reference_linear_logprobs(h2, weight, bias, labels, ignore_index).reshape(lead)
-    rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.device)
-    logp, _ = linear_logprobs_fwd(h2, weight, bias, labels, ignore_index, backend, rows, bool(deterministic))
-    return logp.reshape(lead)
+        logp, stats = reference_linear_logprobs(h2, weight, bias, labels, ignore_index, transform, return_stats)
+    else:
+        if not deterministic and (transform != IDENTITY or return_stats):
+            raise ValueError("temperature, logit_scale, logit_softcap and return_stats run on the chunked paths: "
+                             "pass deterministic=True")
+        rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.device)
+        logp, _, stats = linear_logprobs_fwd(h2, weight, bias, labels, ignore_index, backend, rows,
+                                             bool(deterministic), transform.temperature, transform.scale,
+                                             transform.softcap or 0.0, return_stats)
+    logp = logp.reshape(lead)
+    return (logp, TokenStats.from_columns(stats, lead)) if return_stats else logp
+
+
+@dataclass
+class TokenStats:
+    """Per-token statistics of the model's distribution (``[...]`` = the labels' shape, fp32, no gradient,
+    0 at ignored positions): ``entropy``, ``log_sum_p2`` (``log sum_v p_v^2``), ``logit_sum`` (sum over V of
+    the logits the softmax sees, temperature included), ``top1`` (1.0 where the label is the argmax)."""
+
+    entropy: torch.Tensor
+    log_sum_p2: torch.Tensor
+    logit_sum: torch.Tensor
+    top1: torch.Tensor
+
+    @classmethod
+    def from_columns(cls, stats: torch.Tensor, lead) -> "TokenStats":
+        return cls(*(stats[:, i].reshape(lead) for i in range(len(STATS))))
+
+
+def logit_transform(temperature: object = 1.0, logit_scale: object = 1.0,
+                    logit_softcap: object = None) -> LogitTransform:
+    """Validated :class:`LogitTransform` (temperature and softcap finite > 0, scale finite and non-zero)."""
+    t = check_positive_finite("temperature", temperature)
+    scale = check_number("logit_scale", logit_scale, finite=True)
+    if scale == 0.0:
+        raise ValueError("logit_scale must not be 0")
+    cap = None if logit_softcap is None else check_positive_finite("logit_softcap", logit_softcap)
+    return LogitTransform(t, scale, cap)

@@ -18,12 +18,56 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 _TENSOR_CORE_DTYPES = (torch.bfloat16, torch.float16)
 _FP16_GRAD_TARGET = 2.0 ** 14  # largest power of two a chunk's |dz| max is scaled to (fp16 max is 65504)
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to its lm-head output before the softmax, in this order: multiply by ``scale``
+    (Cohere's ``logit_scale``; Granite's ``1 / logits_scaling``), soft-cap ``c tanh(z / c)`` (Gemma 2's
+    ``final_logit_softcapping``; None: off), divide by ``temperature`` (sampling / TRL's ``temperature``).
+
+    Without a soft-cap, scale and temperature fold into the row kernels' one ``scale`` argument; with it, the
+    chunk's logits are capped in place after the GEMM and the backward multiplies the logit gradient by
+    ``scale (1 - tanh^2)`` (one more chunk-sized fp32 buffer).
+    """
+
+    temperature: float = 1.0
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+    @property
+    def row_scale(self) -> float:
+        """The factor the row kernels apply to the chunk's logits."""
+        return (1.0 if self.softcap else self.scale) / self.temperature
+
+    def cap_(self, z: torch.Tensor) -> torch.Tensor:
+        """In place: ``softcap * tanh(scale * z / softcap)`` (a no-op without a soft-cap)."""
+        if self.softcap:
+            z.mul_(self.scale / self.softcap).tanh_().mul_(self.softcap)
+        return z
+
+    def chain_(self, grad: torch.Tensor, capped: torch.Tensor) -> torch.Tensor:
+        """In place: the gradient w.r.t. the capped logits ``capped`` taken back to the GEMM's output."""
+        if self.softcap:
+            grad.mul_(1.0 - (capped / self.softcap).square_()).mul_(self.scale)
+        return grad
+
+    def materialised(self, logits: torch.Tensor) -> torch.Tensor:
+        """The whole transform on materialised logits, differentiably (the torch reference)."""
+        z = logits * self.scale
+        if self.softcap:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z / self.temperature
+
+
+IDENTITY = LogitTransform()
 
 
 def matched_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
@@ -62,7 +106,8 @@ class LmHeadGemms:
     ``accumulate_grad_weight(dw, g, x)``: ``dw[V, H] + dz.T @ x`` in fp32.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], transform: LogitTransform = IDENTITY) -> None:
+        self.transform = transform
         self.dtype = gemm_dtype(weight)
         self.weight = weight.detach().to(self.dtype)
         self.bias = None if bias is None else bias.detach().to(torch.float32)
@@ -71,8 +116,10 @@ class LmHeadGemms:
         return x.detach().to(self.dtype)
 
     def logits(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out[k, V]``: the chunk's logits in fp32, soft-capped when the transform says so (the row kernels
+        apply ``transform.row_scale``)."""
         with no_autocast(out):
-            return self._logits(x, out)
+            return self.transform.cap_(self._logits(x, out))
 
     def _logits(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.dtype == torch.float32:
@@ -141,4 +188,4 @@ class GradOperand:
         self.value, self.scale = value, scale
 
 
-__all__ = ["LmHeadGemms", "GradOperand", "gemm_dtype", "matched_operands"]
+__all__ = ["IDENTITY", "LmHeadGemms", "LogitTransform", "GradOperand", "gemm_dtype", "matched_operands"]
