@@ -317,3 +317,16 @@ def test_loss_module_compiles_fullgraph(loss_type, mode):
     b.loss.backward()
     torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("value", [2 ** 70, -(2 ** 64)])
+def test_absurd_ignore_index_is_named(value):
+    hidden, weight, labels = _pair_inputs()
+    with pytest.raises(ValueError, match="ignore_index"):
+        prefkern.linear_logprobs(hidden, weight, labels, ignore_index=value)
+    with pytest.raises(ValueError, match="ignore_index"):
+        prefkern.logprobs(torch.randn(3, 5), torch.tensor([0, 1, 2]), ignore_index=value)
+    with pytest.raises(ValueError, match="ignore_index"):
+        prefkern.FusedLinearPreferenceLoss("simpo", ignore_index=value)
+    with pytest.raises(ValueError, match="ignore_index"):
+        prefkern.compat.liger.LigerFusedLinearSimPOLoss(ignore_index=value)

@@ -3,7 +3,6 @@
 
 Truth for the selection is a float64 Python sort written here (NaN after -inf, ties to the lower index)."""
 
-import math
 
 import numpy as np
 import pytest

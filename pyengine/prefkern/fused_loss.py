@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ._validation import (
-    check_choice, check_floating, check_integer, check_lm_head, check_number, check_tensor,
+    check_choice, check_floating, check_ignore_index, check_integer, check_lm_head, check_number, check_tensor,
 )
 from .fused.engine import MODES, EngineOptions, default_memory_budget, fused_loss, token_logps_no_grad
 from .fused.objective import CatalogObjective, CatalogUnpairedObjective
@@ -144,7 +144,7 @@ class FusedLinearPreferenceLoss(nn.Module):
             raise ValueError("average_log_prob and nll_weight apply to DPO-family losses; other families take their "
                              "own options (e.g. sft_weight for SimPO, cpo_alpha for CPO)")
         self.loss_type, self.beta = loss_type, beta
-        self.ignore_index = check_integer("ignore_index", ignore_index)
+        self.ignore_index = check_ignore_index(ignore_index)
         self.average_log_prob, self.nll_weight = average_log_prob, check_number("nll_weight", nll_weight)
         self.mode, self.memory_budget, self.backend = mode, memory_budget, backend
         self.shift = check_integer("shift", shift, low=0)

@@ -20,7 +20,7 @@ import torch
 
 from .. import reference
 from .._validation import (
-    check_flag, check_integer, check_labels_in_range, check_lm_head, check_number, check_positive_finite,
+    check_flag, check_ignore_index, check_labels_in_range, check_lm_head, check_number, check_positive_finite,
     float64_backend, values_readable,
 )
 from ..dispatch import BACKENDS, resolve_backend
@@ -348,7 +348,7 @@ def linear_logprobs(
     """
     check_lm_head(hidden, weight, labels, bias)
     hidden, weight, bias = matched_operands(hidden, weight, bias)
-    ignore_index = check_integer("ignore_index", ignore_index)
+    ignore_index = check_ignore_index(ignore_index)
     if mode not in ("auto", "stream", "eager"):
         raise ValueError(f"mode must be 'auto', 'stream' or 'eager', got {mode!r}")
     if mode == "eager":

@@ -7,7 +7,7 @@ from typing import Tuple
 import torch
 
 from .._validation import (
-    FLOAT_DTYPES, check_float, check_index, check_integer, check_labels_in_range, check_ndim, check_positive_finite,
+    FLOAT_DTYPES, check_float, check_index, check_ignore_index, check_labels_in_range, check_ndim, check_positive_finite,
     check_same_device, check_tensor, float64_backend,
 )
 from ..dispatch import resolve_backend
@@ -208,7 +208,7 @@ def logprobs(
         raise ValueError("logits must have a vocabulary dimension V > 0")
     check_same_device(logits=logits, labels=labels)
     check_positive_finite("temperature", temperature)
-    ignore_index = check_integer("ignore_index", ignore_index)
+    ignore_index = check_ignore_index(ignore_index)
     if logits.shape[1] > 1 and logits.stride(1) != 1:
         logits = logits.contiguous()
     labels = labels.to(torch.int64).contiguous()

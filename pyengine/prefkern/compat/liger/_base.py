@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..._validation import check_flag, check_integer, check_lm_head, check_number, check_tensor
+from ..._validation import check_flag, check_ignore_index, check_integer, check_lm_head, check_number, check_tensor
 from ...fused.engine import EngineOptions, FusedResult, fused_loss, token_logps_no_grad
 from ...fused.objective import BatchObjective, empty_rows
 from ...losses import chosen_nll, sequence_logps
@@ -38,7 +38,7 @@ class LigerLoss(nn.Module):
     def __init__(self, ignore_index: int, beta: float, compiled: bool, chunk_size: int, *, positive_beta: bool,
                  alpha: Optional[float] = None, compute_nll_loss: Optional[bool] = None) -> None:
         super().__init__()
-        self.ignore_index = check_integer("ignore_index", ignore_index)
+        self.ignore_index = check_ignore_index(ignore_index)
         if positive_beta:
             self.beta = check_number("beta", beta, low=0.0, low_open=True)
         else:

@@ -9,7 +9,7 @@ import torch
 from ..._validation import check_flag, check_number
 from ...fused.objective import CatalogObjective
 from ...losses import sequence_logps
-from ._base import LigerLoss, LigerOutput, empty_rows_message, split_pairs
+from ._base import LigerLoss, LigerOutput, empty_rows_message
 
 
 class LigerFusedLinearCPOLoss(LigerLoss):

@@ -6,11 +6,11 @@ from typing import Optional
 
 import torch
 
-from ..._validation import check_lm_head, check_number, compute_dtype
+from ..._validation import check_lm_head, compute_dtype
 from ...fused.objective import CatalogObjective
 from ...losses import chosen_nll, sequence_logps
 from ...ops.linear_logprobs import linear_logprobs
-from ._base import LigerLoss, LigerOutput, empty_rows_message, split_pairs
+from ._base import LigerLoss, LigerOutput, empty_rows_message
 
 
 class LigerFusedLinearORPOLoss(LigerLoss):
