@@ -11,6 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import prefkern
+from prefkern.compat.liger import LigerFusedLinearSimPOLoss
 from prefkern.ops.linear_logprobs import chunked_backward, chunked_forward
 from prefkern.ops.lm_head_gemm import LmHeadGemms, gemm_dtype
 
@@ -329,4 +330,4 @@ def test_absurd_ignore_index_is_named(value):
     with pytest.raises(ValueError, match="ignore_index"):
         prefkern.FusedLinearPreferenceLoss("simpo", ignore_index=value)
     with pytest.raises(ValueError, match="ignore_index"):
-        prefkern.compat.liger.LigerFusedLinearSimPOLoss(ignore_index=value)
+        LigerFusedLinearSimPOLoss(ignore_index=value)
