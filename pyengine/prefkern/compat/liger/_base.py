@@ -9,7 +9,7 @@ from torch import nn
 
 from ..._validation import check_flag, check_ignore_index, check_integer, check_lm_head, check_number, check_tensor
 from ...fused.engine import EngineOptions, FusedResult, fused_loss, token_logps_no_grad
-from ...fused.objective import BatchObjective, empty_rows
+from ...fused.objective import BatchObjective, CatalogObjective, empty_rows
 from ...losses import chosen_nll, sequence_logps
 
 LigerOutput = Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]
@@ -88,6 +88,33 @@ class LigerLoss(nn.Module):
         if self.compute_nll_loss:
             b = mask.shape[0] // 2
             chosen_nll(-mask[:b].to(torch.float32), mask[:b])
+
+    def paired_loss(self, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    target: torch.Tensor, mask: torch.Tensor, loss_type: str, options: dict, *,
+                    average_log_prob: bool = False, reported_average: Optional[bool] = None,
+                    ref_seq: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, empty_rows_why: Optional[str] = None,
+                    chosen_nll: Optional[torch.Tensor] = None, add_nll: bool = True,
+                    metrics: Tuple[str, ...] = ()) -> LigerOutput:
+        """The catalog's ``loss_type`` on the engine, with Liger's NLL term and paired aux outputs.
+
+        ``average_log_prob``: the loss sees length-averaged log-probs; ``reported_average``: the aux log-probs are
+        averaged (default: as the loss sees them); ``empty_rows_why``: a row without a scored token is refused,
+        naming why; ``chosen_nll``: replaces the NLL (0 or an NLL over other labels; None: the chosen half's,
+        checked before any GEMM when it is computed); ``add_nll``: ``alpha`` x the NLL is added to the loss (off for
+        ORPO, whose loss holds the NLL itself); ``metrics``: output metrics appended to the aux tuple.
+        """
+        if chosen_nll is None:
+            self.check_nll(mask)
+        objective = CatalogObjective(
+            loss_type, options, mask, ref_seq=ref_seq, average_log_prob=average_log_prob, empty_completions="keep",
+            nll_weight=self.nll_weight() if add_nll else 0.0, chosen_nll=chosen_nll,
+            empty_rows_message=None if empty_rows_why is None else empty_rows_message(empty_rows_why))
+        res = self.run(hidden, weight, bias, target, objective)
+        average = average_log_prob if reported_average is None else reported_average
+        seq = sequence_logps(res.token_logps, mask, average=average)
+        nll = self.reported_nll(res.token_logps, mask) if chosen_nll is None else chosen_nll
+        out = res.output
+        return out.loss, self.paired_aux(hidden, weight, bias, seq, nll, out, *(out.metrics[k] for k in metrics))
 
     def paired_aux(self, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    seq_logps: torch.Tensor, nll: torch.Tensor, out, *extra: torch.Tensor) -> Tuple[torch.Tensor, ...]:

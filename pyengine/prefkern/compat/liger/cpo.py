@@ -7,9 +7,7 @@ from typing import Optional
 import torch
 
 from ..._validation import check_flag, check_number
-from ...fused.objective import CatalogObjective
-from ...losses import sequence_logps
-from ._base import LigerLoss, LigerOutput, empty_rows_message
+from ._base import LigerLoss, LigerOutput
 
 
 class LigerFusedLinearCPOLoss(LigerLoss):
@@ -84,15 +82,10 @@ class LigerFusedLinearCPOLoss(LigerLoss):
             chosen_rewards [B], rejected_rewards [B])``, rewards ``beta * logps``.
         """
         hidden, weight, target, mask = self.paired_inputs(lin_weight, _input, target, bias)
-        self.check_nll(mask)
-        objective = CatalogObjective(
-            "cpo", {"beta": self.beta, "label_smoothing": self.label_smoothing, "cpo_alpha": 0.0}, mask,
-            average_log_prob=self.average_log_prob, empty_completions="keep", nll_weight=self.nll_weight(),
-            empty_rows_message=empty_rows_message("average_log_prob=True") if self.average_log_prob else None)
-        res = self.run(hidden, weight, bias, target, objective)
-        seq = sequence_logps(res.token_logps, mask, average=self.average_log_prob)
-        return res.output.loss, self.paired_aux(hidden, weight, bias, seq, self.reported_nll(res.token_logps, mask),
-                                                res.output)
+        options = {"beta": self.beta, "label_smoothing": self.label_smoothing, "cpo_alpha": 0.0}
+        return self.paired_loss(hidden, weight, bias, target, mask, "cpo", options,
+                                average_log_prob=self.average_log_prob,
+                                empty_rows_why="average_log_prob=True" if self.average_log_prob else None)
 
 
 __all__ = ["LigerFusedLinearCPOLoss"]

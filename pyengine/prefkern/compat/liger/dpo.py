@@ -7,9 +7,7 @@ from typing import Optional
 import torch
 
 from ..._validation import check_flag, check_number, compute_dtype
-from ...fused.objective import CatalogObjective
-from ...losses import sequence_logps
-from ._base import LigerLoss, LigerOutput, empty_rows_message, split_pairs
+from ._base import LigerLoss, LigerOutput, split_pairs
 
 
 class LigerFusedLinearDPOLoss(LigerLoss):
@@ -134,15 +132,9 @@ class LigerFusedLinearDPOLoss(LigerLoss):
             options["label_smoothing"] = self.label_smoothing
         if self.loss_type == "discopop":
             options["discopop_tau"] = self.discopop_tau
-        self.check_nll(mask)
-        objective = CatalogObjective(
-            self.loss_type, options, mask, ref_seq=ref_seq, average_log_prob=self.average_log_prob,
-            empty_completions="keep", nll_weight=self.nll_weight(),
-            empty_rows_message=empty_rows_message("average_log_prob=True") if self.average_log_prob else None)
-        res = self.run(hidden, weight, bias, target, objective)
-        seq = sequence_logps(res.token_logps, mask, average=self.average_log_prob)
-        return res.output.loss, self.paired_aux(hidden, weight, bias, seq, self.reported_nll(res.token_logps, mask),
-                                                res.output)
+        return self.paired_loss(hidden, weight, bias, target, mask, self.loss_type, options, ref_seq=ref_seq,
+                                average_log_prob=self.average_log_prob,
+                                empty_rows_why="average_log_prob=True" if self.average_log_prob else None)
 
 
 __all__ = ["LigerFusedLinearDPOLoss"]

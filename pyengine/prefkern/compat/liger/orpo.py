@@ -7,10 +7,9 @@ from typing import Optional
 import torch
 
 from ..._validation import check_lm_head, compute_dtype
-from ...fused.objective import CatalogObjective
-from ...losses import chosen_nll, sequence_logps
+from ...losses import chosen_nll
 from ...ops.linear_logprobs import linear_logprobs
-from ._base import LigerLoss, LigerOutput, empty_rows_message
+from ._base import LigerLoss, LigerOutput
 
 
 class LigerFusedLinearORPOLoss(LigerLoss):
@@ -78,22 +77,14 @@ class LigerFusedLinearORPOLoss(LigerLoss):
             ``log_odds_chosen = mean z``.
         """
         hidden, weight, target, mask = self.paired_inputs(lin_weight, _input, target, bias)
-        b = hidden.shape[0] // 2
+        nll = None
         if not self.compute_nll_loss:
             nll = torch.zeros((), dtype=compute_dtype(hidden), device=hidden.device)
         elif nll_target is not None:
             nll = self._nll_over(hidden, weight, bias, nll_target, target)
-        else:
-            self.check_nll(mask)
-            nll = None
-        objective = CatalogObjective("orpo", {"beta": self.beta}, mask, empty_completions="keep", chosen_nll=nll,
-                                     empty_rows_message=empty_rows_message("this loss (length-averaged log-probs)"))
-        res = self.run(hidden, weight, bias, target, objective)
-        out = res.output
-        seq = sequence_logps(res.token_logps, mask, average=True)
-        nll = chosen_nll(res.token_logps[:b], mask[:b]) if nll is None else nll
-        return out.loss, self.paired_aux(hidden, weight, bias, seq, nll, out, out.metrics["log_odds_ratio"],
-                                         out.metrics["log_odds_chosen"])
+        return self.paired_loss(hidden, weight, bias, target, mask, "orpo", {"beta": self.beta},
+                                reported_average=True, empty_rows_why="this loss (length-averaged log-probs)",
+                                chosen_nll=nll, add_nll=False, metrics=("log_odds_ratio", "log_odds_chosen"))
 
     def _nll_over(self, hidden, weight, bias, nll_target, target) -> torch.Tensor:
         """Chosen token-mean NLL over other labels (``nll_target``'s chosen half): a differentiable pass of its own,

@@ -7,9 +7,7 @@ from typing import Optional
 import torch
 
 from ..._validation import check_number
-from ...fused.objective import CatalogObjective
-from ...losses import sequence_logps
-from ._base import LigerLoss, LigerOutput, empty_rows_message
+from ._base import LigerLoss, LigerOutput
 
 
 class LigerFusedLinearSimPOLoss(LigerLoss):
@@ -84,14 +82,9 @@ class LigerFusedLinearSimPOLoss(LigerLoss):
             chosen_rewards [B], rejected_rewards [B])``; logps length-averaged, rewards ``beta * logps``.
         """
         hidden, weight, target, mask = self.paired_inputs(lin_weight, _input, target, bias)
-        self.check_nll(mask)
         options = {"beta": self.beta, "gamma_beta_ratio": self.gamma / self.beta, "label_smoothing": self.label_smoothing}
-        objective = CatalogObjective("simpo", options, mask, empty_completions="keep", nll_weight=self.nll_weight(),
-                                     empty_rows_message=empty_rows_message("this loss (length-averaged log-probs)"))
-        res = self.run(hidden, weight, bias, target, objective)
-        seq = sequence_logps(res.token_logps, mask, average=True)
-        return res.output.loss, self.paired_aux(hidden, weight, bias, seq, self.reported_nll(res.token_logps, mask),
-                                                res.output)
+        return self.paired_loss(hidden, weight, bias, target, mask, "simpo", options, reported_average=True,
+                                empty_rows_why="this loss (length-averaged log-probs)")
 
 
 __all__ = ["LigerFusedLinearSimPOLoss"]
