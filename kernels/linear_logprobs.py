@@ -143,21 +143,20 @@ def _linear_lse_backward_kernel(
                               mask=mask_v[:, None] & mask_h[None, :], sem="relaxed")
 
 
-def _blocks(x: torch.Tensor) -> Tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages): small under the interpreter, MMA-sized on GPUs."""
-    if x.device.type != "cuda":
-        return 16, 32, 16, 4, 1
-    return 64, 128, 64, 8, 3
+def _on_gpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"
 
 
-def _precision(x: torch.Tensor) -> str:
-    # fp32 inputs keep full fp32 products (TF32 would change the numbers); half inputs use tensor cores.
-    return "ieee" if x.dtype == torch.float32 or _upcast(x) else "tf32"
-
-
-def _upcast(x: torch.Tensor) -> bool:
-    # The CPU interpreter gets half-precision dot products wrong: feed it fp32 tiles.
-    return x.device.type != "cuda"
+def launch_config(dtype: torch.dtype, on_gpu: bool) -> dict:
+    """Meta-parameters of both tile kernels (the compile tests use this too). Under the CPU interpreter:
+    small tiles in fp32 (it gets half-precision dot products wrong). On a GPU: MMA-sized tiles; fp32
+    inputs keep full fp32 products (TF32 would change the numbers), half inputs use tensor cores."""
+    if not on_gpu:
+        return {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16, "DOT_PRECISION": "ieee", "UPCAST": True,
+                "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64,
+            "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", "UPCAST": False,
+            "num_warps": 8, "num_stages": 3}
 
 
 def _sm_count(device: torch.device) -> int:
@@ -172,7 +171,8 @@ def linear_lse_forward(
     """``(logp [N], lse [N])`` in fp32 for ``hidden`` [N, H], ``weight`` [V, H], ``bias`` [V] or None."""
     n, h = hidden.shape
     v = weight.shape[0]
-    bn, bv, bh, warps, stages = _blocks(hidden)
+    config = launch_config(hidden.dtype, _on_gpu(hidden))
+    bn, bv = config["BLOCK_N"], config["BLOCK_V"]
     n_blocks = triton.cdiv(n, bn)
     splits = max(1, min(triton.cdiv(v, bv), triton.cdiv(2 * _sm_count(hidden.device), max(n_blocks, 1))))
     v_per_split = triton.cdiv(triton.cdiv(v, splits), bv) * bv
@@ -184,9 +184,7 @@ def linear_lse_forward(
             n, v, h, v_per_split,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             ignore_index,
-            HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, DOT_PRECISION=_precision(hidden),
-            UPCAST=_upcast(hidden),
-            num_warps=warps, num_stages=stages,
+            HAS_BIAS=bias is not None, **config,
         )
     m, s, zy = part[0], part[1], part[2]
     top = m.max(dim=0).values
@@ -213,18 +211,16 @@ def linear_lse_backward(
     db = torch.zeros((v,), dtype=torch.float32, device=dev) if need_db else None
     if n == 0 or not (need_dx or need_dw or need_db):
         return dx, dw, db
-    bn, bv, bh, warps, stages = _blocks(hidden)
+    config = launch_config(hidden.dtype, _on_gpu(hidden))
     dummy = lse
-    _linear_lse_backward_kernel[(triton.cdiv(n, bn), triton.cdiv(v, bv))](
+    _linear_lse_backward_kernel[(triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(v, config["BLOCK_V"]))](
         hidden, weight, bias.contiguous() if bias is not None else hidden, labels, lse, grad,
         dx if need_dx else dummy, dw if need_dw else dummy, db if need_db else dummy,
         n, v, h,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         dx.stride(0) if need_dx else 0, dw.stride(0) if need_dw else 0,
         ignore_index,
-        HAS_BIAS=bias is not None, COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
-        BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, DOT_PRECISION=_precision(hidden), UPCAST=_upcast(hidden),
-        num_warps=warps, num_stages=stages,
+        HAS_BIAS=bias is not None, COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, COMPUTE_DB=need_db, **config,
     )
     return dx, dw, db
 

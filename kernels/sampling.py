@@ -279,6 +279,25 @@ def _block_v(vocab: int) -> int:
     return max(16, min(2048, triton.next_power_of_2(max(vocab, 1))))
 
 
+def launch_config(vocab: int) -> dict:
+    """Split of a row into pass-1 chunks and the meta-parameters of both launches for a vocabulary of
+    ``vocab`` (the compile tests use this too)."""
+    block = _block_v(vocab)
+    chunk = block * triton.cdiv(triton.cdiv(vocab, block), MAX_CHUNKS)
+    n_chunks = triton.cdiv(vocab, chunk)
+    cap = min(CAND_CAP, max(16, triton.next_power_of_2(vocab)))
+    # no FMA contraction: z = x / T is rounded once, so that the sums, thresholds and the logprob
+    # (z - m) - log s all see the same z
+    return {
+        "chunk": chunk, "n_chunks": n_chunks, "cap": cap,
+        "partial": {"BLOCK_V": block, "num_warps": 8, "enable_fp_fusion": False},
+        # 2048-wide tiles here spilled 8 bytes on sm_80 (ptxas 12.9); 1024 compiles without spills
+        "finish": {"BLOCK_V": min(block, 1024), "SEARCH_V": min(256, block), "NP": 16, "MAXP": MAX_PASSES,
+                   "S_POW2": max(2, triton.next_power_of_2(n_chunks)), "CAP": cap, "num_warps": 8,
+                   "enable_fp_fusion": False},
+    }
+
+
 def sample(
     logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
@@ -294,23 +313,19 @@ def sample(
     logprobs = torch.empty(r, dtype=torch.float32, device=dev)
     if r == 0:
         return tokens, logprobs
-    block = _block_v(v)
-    blocks_per_chunk = triton.cdiv(triton.cdiv(v, block), MAX_CHUNKS)
-    chunk = block * blocks_per_chunk
-    n_chunks = triton.cdiv(v, chunk)
+    config = launch_config(v)
+    n_chunks, cap = config["n_chunks"], config["cap"]
     part_f = torch.empty((6, r, n_chunks), dtype=torch.float32, device=dev)
     part_i = torch.empty((r, n_chunks), dtype=torch.int64, device=dev)
     common = (logits, row_index, temperature, top_k, top_p, min_p, seed, offset)
     _sample_partial_kernel[(r, n_chunks)](
-        *common, part_f, part_i, r, v, n_chunks, chunk, logits.stride(0), BLOCK_V=block, num_warps=8,
+        *common, part_f, part_i, r, v, n_chunks, config["chunk"], logits.stride(0), **config["partial"],
     )
-    cap = min(CAND_CAP, max(16, triton.next_power_of_2(v)))
     cand_z = torch.empty((r, cap), dtype=torch.float32, device=dev)
     cand_col = torch.empty((r, cap), dtype=torch.int32, device=dev)
     _sample_finish_kernel[(r,)](
         *common, part_f, part_i, cand_z, cand_col, tokens, logprobs, r, v, n_chunks, logits.stride(0),
-        BLOCK_V=block, SEARCH_V=min(256, block), NP=16, MAXP=MAX_PASSES,
-        S_POW2=max(2, triton.next_power_of_2(n_chunks)), CAP=cap, num_warps=8,
+        **config["finish"],
     )
     return tokens, logprobs
 

@@ -63,3 +63,66 @@ def test_gumbel_noise_is_finite_and_accurate_at_the_extreme_uniforms(tmp_path, f
         worst = max(worst, err)
         assert err <= 4, f"u = {u!r}: noise {g!r}, float64 {ref!r}: {err:.1f} ulp"
     assert worst > 0  # the probe really ran on the values above
+
+
+CUDA_SOURCES = sorted((CSRC / "cuda").glob("*.cu"))
+NVCC = shutil.which("nvcc")
+
+
+ARCHS = ("sm_80", "sm_90a")
+
+
+def compile_cuda(source, out_dir):
+    """nvcc as CMakeLists.txt builds the library (-O3, C++17, csrc/ on the include path), for both
+    architectures in one run (one host pass), with ptxas -v."""
+    gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in ARCHS]
+    cmd = [NVCC, "-std=c++17", "-O3", "-lineinfo", *gencode, f"-I{CSRC}", "-Xptxas", "-v", "-c",
+           str(source), "-o", str(out_dir / f"{source.stem}.o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return source.name, proc.returncode, proc.stdout + proc.stderr
+
+
+def spills_per_kernel(log):
+    """{(entry function, arch): (spill store bytes, spill load bytes)} from ptxas -v output."""
+    out, current = {}, None
+    for line in log.splitlines():
+        entry = re.search(r"Compiling entry function '([^']+)' for '(sm_\w+)'", line)
+        if entry:
+            current = (entry.group(1), entry.group(2))
+            continue
+        spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if spill and current is not None:
+            out[current] = (int(spill.group(1)), int(spill.group(2)))
+            current = None
+    return out
+
+
+@pytest.fixture(scope="module")
+def cuda_builds(tmp_path_factory):
+    if NVCC is None:
+        pytest.skip("nvcc is not on PATH")
+    out_dir = tmp_path_factory.mktemp("nvcc")
+    with ThreadPoolExecutor(max_workers=max(1, min(3, os.cpu_count() or 1))) as pool:
+        return list(pool.map(lambda src: compile_cuda(src, out_dir), CUDA_SOURCES))
+
+
+def test_every_cuda_source_builds_without_spills(cuda_builds):
+    assert {name for name, *_ in cuda_builds} == {p.name for p in CUDA_SOURCES}
+    problems = []
+    for name, rc, log in cuda_builds:
+        if rc != 0:
+            problems.append(f"{name}: nvcc failed\n{log[-3000:]}")
+            continue
+        kernels = spills_per_kernel(log)
+        for arch in ARCHS:
+            if not any(a == arch for _, a in kernels):
+                problems.append(f"{name}: no kernel for {arch} in the ptxas report\n{log[-2000:]}")
+        problems += [f"{name} @ {arch}: {k} spills {s} bytes stored, {l} loaded"
+                     for (k, arch), (s, l) in kernels.items() if s or l]
+    assert not problems, "\n".join(problems)
+
+
+def test_cuda_sources_build_without_warnings(cuda_builds):
+    noisy = [f"{name}:\n{log}" for name, rc, log in cuda_builds
+             if rc == 0 and re.search(r"\bwarning\b", log, re.IGNORECASE)]
+    assert not noisy, "\n\n".join(noisy)

@@ -74,11 +74,9 @@ struct F16 {
   static uint16_t store(float x) { return float_to_f16(x); }
 };
 
-inline bool valid_dtype_code(int dtype) { return dtype >= 0 && dtype <= 2; }
-
 // Throws std::invalid_argument (a Python ValueError through nanobind) for a code that is no dtype.
 inline void check_dtype_code(int dtype) {
-  if (!valid_dtype_code(dtype))
+  if (dtype < 0 || dtype > 2)
     throw std::invalid_argument("unknown dtype code " + std::to_string(dtype) + " (0 = f32, 1 = bf16, 2 = f16)");
 }
 
