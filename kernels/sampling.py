@@ -300,7 +300,7 @@ def launch_config(vocab: int) -> dict:
 
 def sample(
     logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-    top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
+    top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor, candidates: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens [R] int64 and logprobs [R] fp32; ``logits`` [L, V] with unit column stride, every per-row
     argument a contiguous [R] tensor (see ``prefkern.ops.sampling.sample_op``). Two launches: pass 1
@@ -321,8 +321,11 @@ def sample(
     _sample_partial_kernel[(r, n_chunks)](
         *common, part_f, part_i, r, v, n_chunks, config["chunk"], logits.stride(0), **config["partial"],
     )
-    cand_z = torch.empty((r, cap), dtype=torch.float32, device=dev)
-    cand_col = torch.empty((r, cap), dtype=torch.int32, device=dev)
+    # the [R, cap] scratch is touched only by rows that combine top-p with top-k or min-p; ``candidates``
+    # False (the caller knows no row does) gives a one-row stand-in that is never read or written
+    rows = r if candidates else 1
+    cand_z = torch.empty((rows, cap), dtype=torch.float32, device=dev)
+    cand_col = torch.empty((rows, cap), dtype=torch.int32, device=dev)
     _sample_finish_kernel[(r,)](
         *common, part_f, part_i, cand_z, cand_col, tokens, logprobs, r, v, n_chunks, logits.stride(0),
         **config["finish"],

@@ -134,3 +134,36 @@ def test_torch_compile_fullgraph_sample_on_cpu(kw):
         tok_e, lp_e = draw(x, seed, off)
         assert torch.equal(tok_c, tok_e)
         torch.testing.assert_close(lp_c, lp_e)
+
+
+def test_candidate_scratch_only_when_top_p_combines():
+    """The per-row candidate scratch is needed only where top-p follows top-k or min-p; the decision reads the
+    arguments, never tensor values (CUDA-graph safe), and a tensor argument counts as "may combine"."""
+    from prefkern.ops.sampling import _may_combine_top_p
+
+    v = 100
+    assert not _may_combine_top_p(None, 0.9, None, v)           # top-p alone
+    assert not _may_combine_top_p(50, None, None, v)            # top-k alone
+    assert not _may_combine_top_p(50, 1.0, 0.1, v)              # top-p off
+    assert not _may_combine_top_p(v, 0.9, None, v)              # top-k off (k = V)
+    assert _may_combine_top_p(50, 0.9, None, v)
+    assert _may_combine_top_p(None, 0.9, 0.05, v)
+    assert _may_combine_top_p(torch.tensor([5]), 0.9, None, v)
+    assert _may_combine_top_p(None, torch.tensor([1.0]), 0.05, v)
+
+
+@pytest.mark.skipif(not backend_status("triton", torch.device("cpu"))[0], reason="triton not available")
+def test_top_p_alone_samples_the_same_without_the_scratch():
+    from prefkern.ops._backends import triton_kernels
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 300, generator=g)
+    rows = torch.arange(3)
+    f32 = lambda x: torch.full((3,), x, dtype=torch.float32)  # noqa: E731
+    i64 = lambda x: torch.full((3,), x, dtype=torch.int64)  # noqa: E731
+    args = (logits, rows, f32(0.8), i64(0), f32(0.7), f32(0.0), i64(11), i64(0))
+    launch = triton_kernels("sampling").sample
+    with_scratch = launch(*args, candidates=True)
+    without = launch(*args, candidates=False)
+    torch.testing.assert_close(with_scratch[0], without[0])
+    torch.testing.assert_close(with_scratch[1], without[1])

@@ -30,6 +30,7 @@ def _on_device(t: torch.Tensor):
 def sample_op(
     logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor, backend: str,
+    candidates: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Raw op: ``(tokens [R] int64, logprobs [R] float32)``; every per-row argument is a contiguous [R]
     tensor (temperature/top_p/min_p float32, top_k/seed/offset/row_index int64). A token of -1 marks a
@@ -38,14 +39,15 @@ def sample_op(
     if row_index.shape[0] == 0:
         return (torch.empty(0, dtype=torch.int64, device=logits.device),
                 torch.empty(0, dtype=torch.float32, device=logits.device))
-    return _launch_sample(chosen, logits, row_index, temperature, top_k, top_p, min_p, seed, offset)
+    return _launch_sample(chosen, logits, row_index, temperature, top_k, top_p, min_p, seed, offset, candidates)
 
 
 def _launch_sample(
     chosen: str, logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-    top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
+    top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor, candidates: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The one backend ladder of ``sample_op`` (R >= 1 rows)."""
+    """The one backend ladder of ``sample_op`` (R >= 1 rows). ``candidates`` False: no row combines top-p
+    with top-k or min-p, so the Triton kernel needs no per-row candidate scratch."""
     if chosen == "torch":
         rows = logits.index_select(0, row_index)
         x = rows.float()
@@ -58,7 +60,7 @@ def _launch_sample(
     with _on_device(logits):
         if chosen == "triton":
             return triton_kernels("sampling").sample(logits, row_index, temperature, top_k, top_p, min_p, seed,
-                                                     offset)
+                                                     offset, candidates=candidates)
         r, v = row_index.shape[0], logits.shape[1]
         tokens = torch.empty(r, dtype=torch.int64, device=logits.device)
         logprobs = torch.empty(r, dtype=torch.float32, device=logits.device)
@@ -73,7 +75,7 @@ def _launch_sample(
 
 
 @sample_op.register_fake
-def _(logits, row_index, temperature, top_k, top_p, min_p, seed, offset, backend):
+def _(logits, row_index, temperature, top_k, top_p, min_p, seed, offset, backend, candidates=True):
     r = row_index.shape[0]
     return logits.new_empty(r, dtype=torch.int64), logits.new_empty(r, dtype=torch.float32)
 
@@ -109,6 +111,16 @@ def _per_row(name: str, value, rows: int, device: torch.device, dtype: torch.dty
 def _tiny_temperature(value: float) -> str:
     return (f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:.4g}, got {value:.4g}: 1 / temperature "
             "overflows float32 (pass temperature=0 for greedy decoding)")
+
+
+def _may_combine_top_p(top_k, top_p, min_p, vocab: int) -> bool:
+    """Whether some row may filter by top-p after top-k or min-p, decided from the arguments alone
+    (never from tensor values, so CUDA-graph safe): a tensor argument counts as "may"."""
+    def used(v, off) -> bool:
+        return isinstance(v, torch.Tensor) or (v is not None and off(v))
+
+    return used(top_p, lambda p: float(p) < 1) and (
+        used(top_k, lambda k: 0 < int(k) < vocab) or used(min_p, lambda m: float(m) > 0))
 
 
 def _unusable_rows(x: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -263,7 +275,8 @@ def sample(
     if multinomial:
         tokens, logprobs = _torch_multinomial(logits, row_index, temp, k, tp, mp, generator)
     else:
-        tokens, logprobs = sample_op(logits, row_index, temp, k, tp, mp, sd, off, backend)
+        tokens, logprobs = sample_op(logits, row_index, temp, k, tp, mp, sd, off, backend,
+                                     _may_combine_top_p(top_k, top_p, min_p, v))
     if validate and r > 0 and bool((tokens < 0).any()):
         i = int((tokens < 0).nonzero()[0, 0])
         row = logits[int(row_index[i])].float()
