@@ -64,6 +64,12 @@ def methods(device: torch.device) -> Tuple[List[Tuple[str, Callable, bool]], Lis
         ("prefkern-eager", lambda x, w, y, rx, rw: eager(x, w, y, ref_hidden=rx, ref_weight=rw).loss, True),
         ("prefkern-stream", lambda x, w, y, rx, rw: stream(x, w, y, ref_hidden=rx, ref_weight=rw).loss, False),
     ]
+    if device.type == "cuda":
+        tiles = prefkern.FusedLinearPreferenceLoss("sigmoid", beta=0.1, mode="stream", deterministic=False)
+        out.append(("prefkern-stream-tiles",
+                    lambda x, w, y, rx, rw: tiles(x, w, y, ref_hidden=rx, ref_weight=rw).loss, False))
+        notes.append("prefkern-stream = cuBLAS chunks (tensor cores, fp32 logits chunk) + Triton row kernels, the "
+                     "default; prefkern-stream-tiles = the Triton register-tile kernels (deterministic=False).")
     compat = LigerDPOCompat(beta=0.1, use_ref_model=True)
     out.append(("prefkern-liger-api", lambda x, w, y, rx, rw: compat(w, x, y, None, rx, rw)[0], True))
     notes.append("prefkern-liger-api = prefkern.compat.liger.LigerFusedLinearDPOLoss, the drop-in with Liger's "

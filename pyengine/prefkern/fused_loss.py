@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from ._validation import (
-    check_choice, check_floating, check_ignore_index, check_integer, check_lm_head, check_number, check_tensor,
+    check_choice, check_flag, check_floating, check_ignore_index, check_integer, check_lm_head, check_number,
+    check_tensor,
 )
 from .fused.engine import MODES, EngineOptions, default_memory_budget, fused_loss, token_logps_no_grad
 from .fused.objective import CatalogObjective, CatalogUnpairedObjective
@@ -76,6 +77,8 @@ class FusedLinearPreferenceLoss(nn.Module):
     temperature, logit_scale, logit_softcap : the model's logits are ``softcap(logit_scale * z) / temperature``
         (TRL's ``temperature``; Cohere's ``logit_scale``; Gemma 2's ``final_logit_softcapping``), for the policy
         and the reference pass alike.
+    deterministic : False lets stream mode run the Triton register-tile kernels on a GPU (nothing of size V in
+        memory; dX / dW summed with fp32 atomics, so run-to-run different in the last bits).
     **loss_kwargs : any other option of the family function (``label_smoothing``, ``gamma_beta_ratio``,
         ``cpo_alpha``, ``desirable_weight``, ``form``, ...).
 
@@ -117,6 +120,7 @@ class FusedLinearPreferenceLoss(nn.Module):
         temperature: float = 1.0,
         logit_scale: float = 1.0,
         logit_softcap: Optional[float] = None,
+        deterministic: bool = True,
         **loss_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -150,6 +154,7 @@ class FusedLinearPreferenceLoss(nn.Module):
         self.shift = check_integer("shift", shift, low=0)
         self.empty_completions, self.ld_alpha = empty_completions, ld_alpha
         self.transform = logit_transform(temperature, logit_scale, logit_softcap)
+        self.deterministic = check_flag("deterministic", deterministic)
         self._takes_beta = beta is not None and "beta" in _parameters(family)
         self._takes_reference = "ref_chosen_logps" in _parameters(family) or "ref_logps" in _parameters(family)
         self.loss_spec, self.loss_kwargs = self._catalog_call(loss_kwargs)
@@ -170,7 +175,7 @@ class FusedLinearPreferenceLoss(nn.Module):
     @property
     def engine_options(self) -> EngineOptions:
         return EngineOptions(self.ignore_index, self.mode, self.backend, self.memory_budget, type(self).__name__,
-                             self.transform)
+                             self.transform, self.deterministic)
 
     def _reference_free(self) -> bool:
         return bool(self.loss_kwargs.get("reference_free")) or self.loss_type == "sft" or not self._takes_reference

@@ -36,6 +36,8 @@ class EngineOptions:
     it applies). backend : row kernels (``"auto"``, ``"native"``, ``"triton"``, ``"cuda"``, ``"torch"``).
     memory_budget : bytes an eager chunk of fp32 logits may take (None: a tenth of free memory).
     op : the front end's name, for messages. transform : the model's logit scale / soft-cap / temperature.
+    deterministic : False lets the stream path use the Triton register-tile kernels (fp32 atomics in backward;
+    see :func:`prefkern.linear_logprobs`).
     """
 
     ignore_index: int = -100
@@ -44,6 +46,7 @@ class EngineOptions:
     memory_budget: Optional[int] = None
     op: str = "FusedLinearPreferenceLoss"
     transform: LogitTransform = IDENTITY
+    deterministic: bool = True
 
 
 @dataclass
@@ -120,7 +123,8 @@ def fused_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 def _stream(hidden, weight, bias, labels, objective, options, backend) -> FusedResult:
     t = options.transform
     tok = linear_logprobs(hidden, weight, labels, bias, ignore_index=options.ignore_index, backend=backend,
-                          temperature=t.temperature, logit_scale=t.scale, logit_softcap=t.softcap)
+                          temperature=t.temperature, logit_scale=t.scale, logit_softcap=t.softcap,
+                          deterministic=options.deterministic)
     return FusedResult(objective.evaluate(tok), tok, False)
 
 
