@@ -471,3 +471,12 @@ def test_package_never_imports_liger():
             else:
                 continue
             assert not any(n.split(".")[0] == "liger_kernel" for n in names), f"{path} imports liger_kernel"
+
+
+@pytest.mark.parametrize("kl", [float("nan"), float("inf"), torch.tensor(float("nan")), torch.tensor([0.1, float("inf")])])
+def test_kto_rejects_a_non_finite_kl(kl):
+    data = make_batch(rows=2, seed=21)
+    module = ours.LigerFusedLinearKTOLoss()
+    with pytest.raises(ValueError, match="kl"):
+        module(data["hidden"], data["weight"], data["target"], data["bias"],
+               preference_labels=torch.tensor([True, False]), kl=kl)
