@@ -29,9 +29,10 @@ def logprobs(
     -------
     [N] tensor in ``compute_dtype`` (float32 by default)
     """
-    z = logits.to(compute_dtype) / temperature
-    logp = torch.log_softmax(z, dim=-1)
     ignored = labels == ignore_index
+    # masked rows contribute exactly zero, to values and to gradients, whatever they hold (NaN included)
+    z = torch.where(ignored.unsqueeze(-1), 0.0, logits.to(compute_dtype)) / temperature
+    logp = torch.log_softmax(z, dim=-1)
     safe = labels.masked_fill(ignored, 0).long()
     picked = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return picked.masked_fill(ignored, 0.0)
@@ -55,7 +56,8 @@ def linear_logprobs(
     -------
     [N] tensor in ``compute_dtype``: ``log_softmax(hidden @ weight.T + bias)[n, labels[n]]``.
     """
-    logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).t()
+    kept = (labels != ignore_index).unsqueeze(-1)
+    logits = torch.where(kept, hidden.to(compute_dtype), 0.0) @ weight.to(compute_dtype).t()
     if bias is not None:
         logits = logits + bias.to(compute_dtype)
     return logprobs(logits, labels, ignore_index, compute_dtype=compute_dtype)
