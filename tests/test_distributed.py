@@ -1,16 +1,32 @@
-"""Vocab-parallel lm-head on real gloo process groups (127.0.0.1), against the unsplit head in one process.
+"""prefkern on real gloo process groups (127.0.0.1 only), against one process.
 
-Each spawn runs every case of one world size once (a module fixture) and the tests below read its results: the
-start-up of torch in the processes is the cost, not the cases. Shapes are tiny and V is not divisible by the world
-size (37 = 19 + 18 on 2 ranks, 13 + 13 + 11 on 3; V = 2 on 3 ranks leaves the last slice empty).
+- Vocab-parallel lm-head (DESIGN.md section 10): values and gradients equal those of the unsplit head; V is not
+  divisible by the world size (37 = 19 + 18 on 2 ranks, 13 + 13 + 11 on 3; V = 2 on 3 ranks leaves the last slice
+  empty), a label owned by each rank, ignored tokens, fp32 and bf16, stream and eager, DPO and KTO.
+- Data parallel: DDP (2 ranks) and FSDP2 ``fully_shard`` (3 ranks) give, after one SGD step, the same parameters on
+  every rank and the same parameters as one process on the whole batch. Normalisation (TRL's): each rank's loss is
+  the mean over its own pairs; DDP averages the gradients over the ranks (FSDP2's reduce-scatter too), so with the
+  same number of pairs per rank one step equals one process with the mean over all pairs. Every model computes its
+  loss inside its forward (the pattern FSDP2 needs: the lm-head weight is gathered only there).
+- ZeRO-3-style gathered heads: the contract (no reference to the gathered storage past the call, the gradient on
+  the parameter) in one process, and DeepSpeed ZeRO-3 itself when it is installed.
+
+One spawn per world size runs every case of that size (a module fixture) and the tests read its results: the
+start-up of torch in the processes is the cost, not the cases. Each spawn is bounded by a timeout.
 """
 
 from __future__ import annotations
 
+import gc
+from typing import Optional
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import prefkern
+from prefkern.compat.liger import LigerFusedLinearDPOLoss
 from prefkern.distributed import VocabParallel, vocab_parallel_fused_loss, vocab_parallel_linear_logprobs
 from prefkern.distributed.launch import spawn
 from prefkern.fused import CatalogObjective, CatalogUnpairedObjective, EngineOptions, fused_loss
@@ -20,7 +36,7 @@ from tolerance import assert_within_torch_error
 
 IGNORE = -100
 H, T, PAIRS = 16, 6, 2
-TIMEOUT = 90.0
+TIMEOUT = 150.0
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -91,8 +107,17 @@ def run_fused(hidden, weight, bias, labels, ref, mode, options, unpaired=False, 
 # ---- the workers ---------------------------------------------------------------------------------------------
 
 
-def vp_worker(rank: int, world: int, vocab_sizes, with_errors: bool = False):
-    out = {"errors": errors_worker(rank, world)} if with_errors else {}
+def worker(rank: int, world: int, vocab_sizes, dp_wrapper: str, with_errors: bool = False):
+    """Every case of one world size: vocab parallel, then data parallel with ``dp_wrapper`` (ddp or fsdp)."""
+    out = vp_worker(rank, world, vocab_sizes)
+    out["dp"] = dp_worker(rank, world, dp_wrapper)
+    if with_errors:
+        out["errors"] = errors_worker(rank, world)
+    return out
+
+
+def vp_worker(rank: int, world: int, vocab_sizes):
+    out = {}
     for v in vocab_sizes:
         start, stop = bounds(v, world, rank)
         options = VocabParallel(None, start, stop)
@@ -154,12 +179,12 @@ def errors_worker(rank: int, world: int):
 
 @pytest.fixture(scope="module")
 def world2():
-    return spawn(vp_worker, 2, (37,), timeout=TIMEOUT)
+    return spawn(worker, 2, (37,), "ddp", timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
 def world3():
-    return spawn(vp_worker, 3, (37, 2), True, timeout=TIMEOUT)
+    return spawn(worker, 3, (37, 2), "fsdp", True, timeout=TIMEOUT)
 
 
 # ---- the checks ----------------------------------------------------------------------------------------------
@@ -261,3 +286,284 @@ def test_dtensor_shard0_weight(errors3):
         assert d["grad_placements"] == "(Shard(dim=0),)"
         for name in ("logp", "dx", "dw", "db"):
             torch.testing.assert_close(d[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+# ---- data parallel ---------------------------------------------------------------------------------------------
+
+D_IN, K, V_DP = 8, 3, 37
+PAIRS_PER_RANK = 2
+LR = 0.5
+KINDS = ("eager", "stream", "liger", "ensemble")
+
+
+class Policy(nn.Module):
+    """A body (one linear layer) and an lm-head; forward returns the preference loss of its batch."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.body = nn.Linear(D_IN, H)
+        if kind == "ensemble":
+            self.head = prefkern.EnsembleRewardHead(H, K)
+        else:
+            self.lm_head = nn.Linear(H, V_DP, bias=False)
+        if kind in ("eager", "stream"):
+            self.loss = prefkern.FusedLinearPreferenceLoss("sigmoid", beta=0.5, mode=kind)
+        elif kind == "liger":
+            self.loss = LigerFusedLinearDPOLoss(beta=0.5, use_ref_model=False)
+
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None, ref: Optional[torch.Tensor] = None):
+        h = self.body(x)
+        if labels is None:  # the hidden states only (the DeepSpeed test gathers the head by hand)
+            return h
+        if self.kind == "ensemble":
+            combined = self.head(h, (labels != IGNORE).to(torch.int64)).combined
+            b = combined.shape[0] // 2
+            return -F.logsigmoid(combined[:b] - combined[b:]).mean()
+        if self.kind == "liger":
+            return self.loss(self.lm_head.weight, h, labels)[0]
+        return self.loss(h, self.lm_head.weight, labels, ref_logps=ref).loss
+
+
+def make_model(kind: str, dtype: torch.dtype) -> Policy:
+    torch.manual_seed(1)
+    return Policy(kind).to(dtype)
+
+
+def global_batch(world: int, dtype: torch.dtype):
+    """[chosen; rejected] inputs of ``world * PAIRS_PER_RANK`` pairs: x [2P, T, D], labels [2P, T], ref [2P]."""
+    g = torch.Generator().manual_seed(2)
+    p = world * PAIRS_PER_RANK
+    x = torch.randn(2 * p, T, D_IN, generator=g).to(dtype)
+    labels = torch.randint(0, V_DP, (2 * p, T), generator=g)
+    labels[:, :2] = IGNORE
+    labels[3, -1] = IGNORE
+    ref = torch.randn(2 * p, generator=g) - 5
+    return x, labels, ref
+
+
+def rank_rows(world: int, rank: int) -> torch.Tensor:
+    """This rank's pairs, still as [chosen; rejected]."""
+    p = world * PAIRS_PER_RANK
+    pairs = torch.arange(rank * PAIRS_PER_RANK, (rank + 1) * PAIRS_PER_RANK)
+    return torch.cat([pairs, pairs + p])
+
+
+def one_step(model: nn.Module, x, labels, ref):
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    loss = model(x, labels, ref)
+    loss.backward()
+    grads = {n: _full(p.grad).clone() for n, p in model.named_parameters()}
+    opt.step()
+    return loss.detach().float(), grads, {n: _full(p.detach()).clone() for n, p in model.named_parameters()}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _name(n: str) -> str:
+    return n.replace("module.", "").replace("_fsdp_wrapped_module.", "")
+
+
+def dp_worker(rank: int, world: int, wrapper: str):
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = {}
+    for kind in KINDS:
+        for dtype in DTYPES:
+            model = make_model(kind, dtype)
+            x, labels, ref = global_batch(world, dtype)
+            rows = rank_rows(world, rank)
+            if wrapper == "ddp":
+                model = DDP(model)
+            else:
+                fully_shard(model)
+            loss, grads, params = one_step(model, x[rows], labels[rows], ref[rows])
+            out[(kind, str(dtype))] = {"loss": loss, "grads": {_name(n): g for n, g in grads.items()},
+                                       "params": {_name(n): p for n, p in params.items()}}
+    if wrapper == "fsdp":
+        out["outside"] = fsdp_outside_forward(rank, world)
+    return out
+
+
+def fsdp_outside_forward(rank: int, world: int):
+    """What a user meets passing an FSDP2 module's lm-head weight to the loss outside its forward."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model("eager", torch.float32)
+    fully_shard(model)
+    x, labels, ref = global_batch(world, torch.float32)
+    rows = rank_rows(world, rank)
+    hidden = torch.randn(rows.numel(), T, H, requires_grad=True)
+    got = {"placements": str(model.lm_head.weight.placements)}
+    try:
+        model.loss(hidden, model.lm_head.weight, labels[rows], ref_logps=ref[rows])
+        got["error"] = None
+    except (TypeError, RuntimeError) as e:
+        got["error"] = f"{type(e).__name__}: {e}"
+    # FSDP's unshard() outside forward: the loss runs, but the gradient never reaches the sharded parameter
+    model.unshard()
+    model.loss(hidden, model.lm_head.weight, labels[rows], ref_logps=ref[rows]).loss.backward()
+    model.reshard()
+    got["unshard_grad"] = None if model.lm_head.weight.grad is None else "set"
+    return got
+
+
+def single_process(kind: str, dtype: torch.dtype, world: int, compute=None):
+    """One process, the whole batch; ``compute`` (float64) runs the same initial values in another dtype."""
+    model = make_model(kind, dtype)
+    x, labels, ref = global_batch(world, dtype)
+    if compute is not None:
+        model = model.to(compute)
+        x = x.to(compute)
+    return one_step(model, x, labels, ref)
+
+
+@pytest.fixture(scope="module")
+def ddp2(world2):
+    return [got["dp"] for got in world2]
+
+
+@pytest.fixture(scope="module")
+def fsdp3(world3):
+    return [got["dp"] for got in world3]
+
+
+def check_params(name, got, want, dtype, world, kind):
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        return
+    # DESIGN.md section 9: plain torch in bf16 (the same step, one process) against float64 sets the bar
+    _, _, p64 = single_process(kind, dtype, world, compute=torch.float64)
+    _, _, pd = single_process(kind, dtype, world)
+    n = name.split(":")[-1]
+    assert_within_torch_error(got.float(), pd[n].float(), p64[n], dtype, name)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_one_step_equals_one_process(wrapper, kind, dtype, ddp2, fsdp3):
+    results, world = (ddp2, 2) if wrapper == "ddp" else (fsdp3, 3)
+    key = (kind, str(dtype))
+    want_loss, want_grads, want_params = single_process(kind, dtype, world)
+    for r in range(world):
+        got = results[r][key]
+        assert set(got["params"]) == set(want_params)
+        for n, p in got["params"].items():
+            # the same parameters on every rank, bit for bit
+            assert torch.equal(p, results[0][key]["params"][n]), f"rank {r} {n} differs from rank 0"
+            check_params(f"{wrapper}:{kind}:rank{r}:{n}", p, want_params[n], dtype, world, kind)
+        if dtype == torch.float32:
+            for n, g in got["grads"].items():  # the hooks reduced the (eager: forward-time) gradients
+                torch.testing.assert_close(g, want_grads[n], rtol=1e-5, atol=1e-6)
+    # per-rank mean, then the average over ranks = the mean over the whole batch
+    mean_loss = torch.stack([results[r][key]["loss"] for r in range(world)]).mean()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(mean_loss, want_loss, **tol)
+
+
+def test_fsdp_weight_outside_forward(fsdp3):
+    for got in fsdp3:
+        assert got["outside"]["placements"] == "(Shard(dim=0),)"
+        assert got["outside"]["error"] is not None  # refused, never a silent wrong result
+        assert got["outside"]["unshard_grad"] is None  # why unshard() outside forward is no way either
+
+
+# ---- ZeRO-3-style gathered heads --------------------------------------------------------------------------------
+
+
+def _gathered_step(mode: str, backward_inside: bool):
+    """A parameter materialised only inside a gather, as DeepSpeed ZeRO-3 does it: ``param.data`` is the gathered
+    head inside, an empty tensor outside. Returns (the gathered storage freed after the call?, grad or error)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    torch.manual_seed(3)
+    full = torch.randn(V_DP, H)
+    hidden = torch.randn(4, T, H, requires_grad=True)
+    labels = torch.randint(0, V_DP, (4, T))
+    labels[:, :2] = IGNORE
+    ref = torch.randn(4) - 5
+    param = nn.Parameter(torch.empty(0))
+    loss_fn = prefkern.FusedLinearPreferenceLoss("sigmoid", beta=0.5, mode=mode)
+    gathered = full.clone()
+    storage = StorageWeakRef(gathered.untyped_storage())
+    param.data = gathered  # enter the gather
+    del gathered
+    out = loss_fn(hidden, param, labels, ref_logps=ref)
+    error = None
+    if backward_inside:
+        out.loss.backward()
+    param.data = torch.empty(0)  # leave it: the framework frees the gathered head
+    if not backward_inside:
+        try:
+            out.loss.backward()
+        except RuntimeError as e:
+            error = str(e)
+    gc.collect()
+    freed = storage.expired()  # `out` (its graph, token log-probs) is still alive here
+    w = full.clone().requires_grad_()
+    loss_fn(hidden.detach(), w, labels, ref_logps=ref).loss.backward()
+    return freed, param.grad, w.grad, error
+
+
+@pytest.mark.parametrize("mode", ["eager", "stream"])
+def test_gathered_head_contract(mode):
+    freed, grad, want, _ = _gathered_step(mode, backward_inside=True)
+    assert freed, "prefkern kept a reference to the gathered weight's storage past the call"
+    torch.testing.assert_close(grad, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["eager", "stream"])
+def test_gathered_head_backward_after_release_raises(mode):
+    # torch's AccumulateGrad lays a [V, H] gradient out like the parameter, now empty: backward() must run while
+    # the head is gathered (in both modes); it fails loudly otherwise, never silently
+    freed, grad, _, error = _gathered_step(mode, backward_inside=False)
+    assert freed and grad is None and error is not None
+
+
+def deepspeed_worker(rank: int, world: int):
+    import deepspeed
+
+    cfg = {"train_micro_batch_size_per_gpu": PAIRS_PER_RANK, "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True,
+           "optimizer": {"type": "SGD", "params": {"lr": LR}}}
+    out = {}
+    for kind in ("eager", "stream"):
+        model = make_model(kind, torch.float32)
+        engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())
+        x, labels, ref = global_batch(world, torch.float32)
+        rows = rank_rows(world, rank)
+        hidden = engine(x[rows])
+        weight = engine.module.lm_head.weight
+        sharded = tuple(weight.shape)
+        with deepspeed.zero.GatheredParameters([weight]):
+            # a loss module outside the engine's module tree: ZeRO-3 hooks every submodule's forward and backward
+            loss_fn = prefkern.FusedLinearPreferenceLoss("sigmoid", beta=0.5, mode=kind)
+            loss = loss_fn(hidden, weight, labels[rows], ref_logps=ref[rows]).loss
+            engine.backward(loss)
+        engine.step()
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        out[kind] = {"params": params, "sharded_shape": sharded}
+    return out
+
+
+@pytest.fixture(scope="module")
+def deepspeed2():
+    pytest.importorskip("deepspeed")
+    return spawn(deepspeed_worker, 2, timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("kind", ["eager", "stream"])
+def test_deepspeed_zero3_gathered_head(kind, deepspeed2):
+    """DeepSpeed ZeRO-3 (CPU, gloo): the loss and ``engine.backward`` inside ``GatheredParameters``; one step equals
+    one process (skipped where DeepSpeed is not installed)."""
+    results = deepspeed2
+    _, _, want = single_process(kind, torch.float32, 2)
+    for got in results:
+        assert got[kind]["sharded_shape"] == (0,)  # the head is partitioned outside the gather
+        for n, p in got[kind]["params"].items():
+            torch.testing.assert_close(p, want[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{kind} {n}: {m}")

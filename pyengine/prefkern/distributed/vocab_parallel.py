@@ -122,9 +122,10 @@ def resolve_vocab_parallel(
     if vocab_parallel is None or vocab_parallel is False:
         if is_dtensor(weight) or is_dtensor(bias):
             raise TypeError(
-                "weight is a DTensor: under FSDP2 (fully_shard) call the loss inside the forward of the module that "
-                "owns the lm-head, where FSDP has gathered it (or call module.unshard() first); for a tensor-parallel "
-                "Shard(0) head whose ranks hold the same hidden states pass vocab_parallel=True")
+                "weight is a DTensor: under FSDP2 (fully_shard) call the loss inside the forward of the FSDP module "
+                "whose parameters include the lm-head (FSDP gathers the weight there and reduce-scatters its "
+                "gradient; unshard() outside forward loses the gradient); for a tensor-parallel Shard(0) head whose "
+                "ranks hold the same hidden states pass vocab_parallel=True")
         return weight, bias, None
     if vocab_parallel is True:
         options = VocabParallel.from_dtensor(weight)
