@@ -132,6 +132,15 @@ def vp_worker(rank: int, world: int, vocab_sizes):
             with torch.no_grad():
                 out[key + ("no_grad",)] = vocab_parallel_linear_logprobs(hidden, ws, labels, bs, options, IGNORE)
     out["slices"] = {v: bounds(v, world, rank) for v in vocab_sizes}
+    v = vocab_sizes[0]
+    start, stop = bounds(v, world, rank)
+    hidden, weight, bias, labels, _, ref = make_case(v, world, torch.float32)
+    nan_hidden = hidden.clone()
+    nan_hidden[2, 4, 0] = float("nan")  # NaN never hides: that token's log-prob is NaN on every rank
+    out["nan"] = vocab_parallel_linear_logprobs(nan_hidden, weight[start:stop], labels, None,
+                                                VocabParallel(None, start, stop), IGNORE)
+    out["shift"] = vocab_parallel_linear_logprobs(hidden, weight[start:stop], labels, None,
+                                                  VocabParallel(None, start, stop), IGNORE, shift=1)
     return out
 
 
@@ -141,7 +150,7 @@ def errors_worker(rank: int, world: int):
     from torch.distributed.tensor import Shard, distribute_tensor
 
     v = 37
-    hidden, weight, bias, labels, upstream, _ = make_case(v, world, torch.float32)
+    hidden, weight, bias, labels, upstream, ref = make_case(v, world, torch.float32)
     start, stop = bounds(v, world, rank)
     got = {}
     bad = labels.clone()
@@ -169,8 +178,17 @@ def errors_worker(rank: int, world: int):
     (logp * upstream).sum().backward()
     got["dtensor"] = {"logp": logp.detach(), "dx": x.grad, "dw": dw.grad.full_tensor(), "db": db.grad.full_tensor(),
                       "grad_placements": str(dw.grad.placements)}
+    from prefkern.distributed import resolve_vocab_parallel
+
+    x = hidden.clone().requires_grad_()
+    w_local, b_local, vp = resolve_vocab_parallel(dw, db, True)  # the engine's route for a DTensor head
+    dw.grad = db.grad = None
+    res = vocab_parallel_fused_loss(x, w_local, b_local, labels, dpo_objective(labels, ref),
+                                    EngineOptions(ignore_index=IGNORE, mode="eager"), vp)
+    (res.output.loss + 0.25 * res.output.losses.sum()).backward()  # as run_fused
+    got["dtensor_fused"] = {"loss": res.output.loss.detach(), "dx": x.grad, "dw": dw.grad.full_tensor(),
+                            "db": db.grad.full_tensor()}
     try:
-        from prefkern.distributed import resolve_vocab_parallel
         resolve_vocab_parallel(dw, None, None)
     except TypeError as e:
         got["dtensor_unflagged"] = str(e)
@@ -232,6 +250,20 @@ def test_linear_logprobs_matches_unsplit(world, v, dtype, world2, world3):
     check_close("db", assemble(results, "db", key, v, world), want["db"], dtype, rd["db"], r64["db"])
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_nan_and_shift(world, world2, world3):
+    results = world2 if world == 2 else world3
+    hidden, weight, bias, labels, _, _ = make_case(37, world, torch.float32)
+    nan_hidden = hidden.clone()
+    nan_hidden[2, 4, 0] = float("nan")
+    want_nan = prefkern.linear_logprobs(nan_hidden, weight, labels, ignore_index=IGNORE)
+    want_shift = prefkern.linear_logprobs(hidden, weight, labels, ignore_index=IGNORE, shift=1)
+    for got in results:
+        assert torch.equal(torch.isnan(got["nan"]), torch.isnan(want_nan)) and bool(torch.isnan(got["nan"][2, 4]))
+        torch.testing.assert_close(got["nan"], want_nan, rtol=1e-5, atol=1e-6, equal_nan=True)
+        torch.testing.assert_close(got["shift"], want_shift, rtol=1e-5, atol=1e-6)
+
+
 def test_slices_cover_each_rank_and_one_is_empty(world3):
     assert [world3[r]["slices"][2] for r in range(3)] == [(0, 1), (1, 2), (2, 2)]
     assert [world3[r]["slices"][37] for r in range(3)] == [(0, 13), (13, 26), (26, 37)]
@@ -276,6 +308,45 @@ def test_errors_raise_on_every_rank(errors3):
             assert "owned by [2.0] ranks" in got["overlap"] or "owned by [" in got["overlap"], got
         assert "weight_shard must be this rank's slice" in got["shape"], got
         assert "vocab_parallel=True" in got["dtensor_unflagged"]
+
+
+def test_dtensor_shard0_weight_fused_loss(errors3):
+    hidden, weight, bias, labels, _, ref = make_case(37, 3, torch.float32)
+    want = run_fused(hidden, weight, bias, labels, ref, "eager", None)
+    for got in errors3:
+        d = got["dtensor_fused"]
+        for name in ("loss", "dx", "dw", "db"):
+            torch.testing.assert_close(d[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments_raise_before_any_collective():
+    """Checked on each rank before communication (no process group needed), naming the argument."""
+    from prefkern.distributed import resolve_vocab_parallel
+
+    hidden, weight, bias, labels, _, _ = make_case(37, 2, torch.float32)
+    vp = VocabParallel(None, 0, 19)
+    with pytest.raises(TypeError, match="process_group"):
+        VocabParallel("world", 0, 19)
+    with pytest.raises(ValueError, match="start and stop"):
+        VocabParallel(None, 5, 2)
+    with pytest.raises(TypeError, match="start"):
+        VocabParallel(None, 0.5, 2)
+    with pytest.raises(TypeError, match="vocab_parallel"):
+        resolve_vocab_parallel(weight, None, "yes")
+    with pytest.raises(TypeError, match="DTensor"):
+        VocabParallel.from_dtensor(weight)
+    with pytest.raises(ValueError, match="options"):
+        vocab_parallel_linear_logprobs(hidden, weight[:19], labels, None, None)
+    with pytest.raises(TypeError, match="weight_shard must have the dtype"):
+        vocab_parallel_linear_logprobs(hidden, weight[:19].double(), labels, None, vp)
+    with pytest.raises(ValueError, match="bias_shard"):
+        vocab_parallel_linear_logprobs(hidden, weight[:19], labels, bias, vp)
+    with pytest.raises(ValueError, match="labels"):
+        vocab_parallel_linear_logprobs(hidden, weight[:19], labels[:, :3], None, vp)
+    with pytest.raises(TypeError, match="hidden"):
+        vocab_parallel_linear_logprobs(hidden.double(), weight[:19].double(), labels, None, vp)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        vocab_parallel_linear_logprobs(hidden, weight[:19], labels, None, vp, chunk_rows=0)
 
 
 def test_dtensor_shard0_weight(errors3):
