@@ -107,9 +107,62 @@ def run_fused(hidden, weight, bias, labels, ref, mode, options, unpaired=False, 
 # ---- the workers ---------------------------------------------------------------------------------------------
 
 
+def public_api_wired() -> bool:
+    """Whether the core takes ``vocab_parallel=`` (FusedLinearPreferenceLoss, linear_logprobs)."""
+    import inspect
+
+    return "vocab_parallel" in inspect.signature(prefkern.FusedLinearPreferenceLoss.__init__).parameters
+
+
+def public_api_worker(rank: int, world: int):
+    """The public front ends with ``vocab_parallel=``: DPO eager and stream with a reference model through the
+    split head, KTO with its KL batch, linear_logprobs, and a Shard(0) DTensor head (refused without the flag)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    v = 37
+    hidden, weight, bias, labels, upstream, _ = make_case(v, world, torch.float32)
+    start, stop = bounds(v, world, rank)
+    vp = VocabParallel(None, start, stop)
+    ref_hidden = hidden + 0.01
+    out = {}
+    for mode in ("eager", "stream"):
+        x = hidden.clone().requires_grad_()
+        w = weight[start:stop].clone().requires_grad_()
+        loss = prefkern.FusedLinearPreferenceLoss("sigmoid", beta=0.5, mode=mode, ignore_index=IGNORE,
+                                                  vocab_parallel=vp)
+        res = loss(x, w, labels, ref_hidden=ref_hidden)
+        res.loss.backward()
+        out[mode] = {"loss": res.loss.detach(), "dx": x.grad, "dw": w.grad}
+    x = hidden.clone().requires_grad_()
+    w = weight[start:stop].clone().requires_grad_()
+    kto = prefkern.FusedLinearPreferenceLoss("kto", beta=0.3, ignore_index=IGNORE, vocab_parallel=vp)
+    res = kto(x, w, labels, ref_hidden=ref_hidden, desirable=torch.tensor([True, False, True, False]),
+              kl_hidden=hidden.flip(0), kl_labels=labels, ref_kl_hidden=ref_hidden.flip(0))
+    res.loss.backward()
+    out["kto"] = {"loss": res.loss.detach(), "dx": x.grad, "dw": w.grad}
+    out["linear"] = prefkern.linear_logprobs(hidden, weight[start:stop], labels, ignore_index=IGNORE,
+                                             vocab_parallel=vp)
+    mesh = init_device_mesh("cpu", (world,))
+    dw = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
+    x = hidden.clone().requires_grad_()
+    res = prefkern.FusedLinearPreferenceLoss("sigmoid", beta=0.5, ignore_index=IGNORE, vocab_parallel=True)(
+        x, dw, labels, ref_hidden=ref_hidden)
+    res.loss.backward()
+    out["dtensor"] = {"loss": res.loss.detach(), "dx": x.grad, "dw": dw.grad.full_tensor()}
+    try:
+        prefkern.FusedLinearPreferenceLoss("sigmoid", beta=0.5, ignore_index=IGNORE)(hidden, dw, labels,
+                                                                                    ref_hidden=ref_hidden)
+    except TypeError as e:
+        out["dtensor_unflagged"] = str(e)
+    return out
+
+
 def worker(rank: int, world: int, vocab_sizes, dp_wrapper: str, with_errors: bool = False):
     """Every case of one world size: vocab parallel, then data parallel with ``dp_wrapper`` (ddp or fsdp)."""
     out = vp_worker(rank, world, vocab_sizes)
+    if public_api_wired():
+        out["public"] = public_api_worker(rank, world)
     out["dp"] = dp_worker(rank, world, dp_wrapper)
     if with_errors:
         out["errors"] = errors_worker(rank, world)
@@ -317,6 +370,42 @@ def test_dtensor_shard0_weight_fused_loss(errors3):
         d = got["dtensor_fused"]
         for name in ("loss", "dx", "dw", "db"):
             torch.testing.assert_close(d[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not public_api_wired(), reason="the core does not take vocab_parallel= yet")
+@pytest.mark.parametrize("world", [2, 3])
+def test_public_api_vocab_parallel(world, world2, world3):
+    results = world2 if world == 2 else world3
+    hidden, weight, bias, labels, _, _ = make_case(37, world, torch.float32)
+    ref_hidden = hidden + 0.01
+    want = {}
+    for mode in ("eager", "stream"):
+        x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        res = prefkern.FusedLinearPreferenceLoss("sigmoid", beta=0.5, mode=mode, ignore_index=IGNORE)(
+            x, w, labels, ref_hidden=ref_hidden)
+        res.loss.backward()
+        want[mode] = {"loss": res.loss.detach(), "dx": x.grad, "dw": w.grad}
+    x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    res = prefkern.FusedLinearPreferenceLoss("kto", beta=0.3, ignore_index=IGNORE)(
+        x, w, labels, ref_hidden=ref_hidden, desirable=torch.tensor([True, False, True, False]),
+        kl_hidden=hidden.flip(0), kl_labels=labels, ref_kl_hidden=ref_hidden.flip(0))
+    res.loss.backward()
+    want["kto"] = {"loss": res.loss.detach(), "dx": x.grad, "dw": w.grad}
+    want["dtensor"] = want["eager"]
+    linear = prefkern.linear_logprobs(hidden, weight, labels, ignore_index=IGNORE)
+    for rank, got in enumerate(results):
+        start, stop = bounds(37, world, rank)
+        pub = got["public"]
+        torch.testing.assert_close(pub["linear"], linear, rtol=1e-5, atol=1e-6)
+        assert "vocab_parallel=True" in pub["dtensor_unflagged"]
+        for case in ("eager", "stream", "kto", "dtensor"):
+            torch.testing.assert_close(pub[case]["loss"], want[case]["loss"], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(pub[case]["dx"], want[case]["dx"], rtol=1e-5, atol=1e-6)
+            dw = pub[case]["dw"] if case == "dtensor" else None
+            if dw is not None:
+                torch.testing.assert_close(dw, want[case]["dw"], rtol=1e-5, atol=1e-6)
+            else:
+                torch.testing.assert_close(pub[case]["dw"], want[case]["dw"][start:stop], rtol=1e-5, atol=1e-6)
 
 
 def test_bad_arguments_raise_before_any_collective():

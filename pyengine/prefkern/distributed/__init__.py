@@ -52,7 +52,19 @@ from .vocab_parallel import (
     FORWARD_MAX_BYTES_PER_TOKEN, FORWARD_SUM_BYTES_PER_TOKEN, VocabParallel, backward_bytes_per_token, check_inputs,
     resolve_vocab_parallel, set_collective_hook, vocab_parallel_linear_logprobs, vocab_parallel_token_logps_no_grad,
 )
-from .engine import agreed_eager_chunk, vocab_parallel_eager_gradients, vocab_parallel_fused_loss
+
+_ENGINE = ("agreed_eager_chunk", "vocab_parallel_eager_gradients", "vocab_parallel_fused_loss")
+
+
+def __getattr__(name: str):
+    # the engine's entry points load on first use: prefkern.fused.engine imports this package's vocab_parallel
+    # module, and .engine imports prefkern.fused.engine
+    if name in _ENGINE:
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["VocabParallel", "vocab_parallel_linear_logprobs", "vocab_parallel_token_logps_no_grad",
            "vocab_parallel_eager_gradients", "vocab_parallel_fused_loss", "agreed_eager_chunk",
