@@ -20,6 +20,7 @@ The returned ``dX`` is complete (already summed over the group): do not all-redu
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple, Union
 
@@ -27,7 +28,6 @@ import torch
 import torch.distributed as dist
 
 from .._validation import check_integer, check_tensor
-from ..ops.linear_logprobs import default_chunk_rows, shift_labels
 from ..ops.lm_head_gemm import LmHeadGemms
 
 #: bytes per scored token of each collective (fp32 payloads); ``H`` is the hidden size
@@ -93,11 +93,12 @@ class VocabParallel:
 
 
 def is_dtensor(t: object) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
+    """Whether ``t`` is a DTensor, without importing ``torch.distributed.tensor`` (seconds) when nothing has: no
+    DTensor can exist before that module is loaded. False while torch.compile traces."""
+    if t is None or torch.compiler.is_compiling():
         return False
-    return isinstance(t, DTensor)
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def resolve_vocab_parallel(
@@ -380,6 +381,8 @@ def vocab_parallel_linear_logprobs(
     TypeError / ValueError naming the argument for wrong kinds, dtypes, shapes or devices; ValueError (on every
     rank) when a scored label is owned by no rank or by several.
     """
+    from ..ops.linear_logprobs import default_chunk_rows, shift_labels  # (that module imports this one)
+
     weight_shard, bias_shard, vp = resolve_vocab_parallel(weight_shard, bias_shard, options)
     if vp is None:
         raise ValueError("options must be a VocabParallel or True (a Shard(0) DTensor weight); for an unsplit head "
