@@ -727,3 +727,56 @@ def test_deepspeed_zero3_gathered_head(kind, deepspeed2):
         assert got[kind]["sharded_shape"] == (0,)  # the head is partitioned outside the gather
         for n, p in got[kind]["params"].items():
             torch.testing.assert_close(p, want[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{kind} {n}: {m}")
+
+
+# ---- NCCL (more than one GPU; run by benchmarks/gpu_check.sh on such a host) ----------------------------------
+
+
+def nccl_worker(rank: int, world: int):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dev = torch.device("cuda", rank)
+    out = {}
+    for dtype in DTYPES:
+        hidden, weight, bias, labels, upstream, ref = make_case(37, world, dtype)
+        start, stop = bounds(37, world, rank)
+        to = lambda t: t.to(dev)  # noqa: E731
+        got = run_linear(to(hidden), to(weight[start:stop]), to(bias[start:stop]), to(labels), to(upstream),
+                         VocabParallel(None, start, stop))
+        out[("linear", str(dtype))] = {k: v.cpu() for k, v in got.items()}
+        for mode in ("stream", "eager"):
+            got = run_fused(to(hidden), to(weight[start:stop]), to(bias[start:stop]), to(labels), to(ref), mode,
+                            VocabParallel(None, start, stop))
+            out[(mode, str(dtype))] = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in got.items()}
+    model = DDP(make_model("eager", torch.float32).to(dev), device_ids=[rank])
+    x, labels, ref = global_batch(world, torch.float32)
+    rows = rank_rows(world, rank)
+    _, _, params = one_step(model, x[rows].to(dev), labels[rows].to(dev), ref[rows].to(dev))
+    out["ddp"] = {_name(n): p.cpu() for n, p in params.items()}
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
+def test_nccl_vocab_parallel_and_ddp():
+    """The same checks on 2 GPUs with NCCL: vocab-parallel values and gradients against the unsplit head on the CPU
+    (fp32: 1e-4 relative, the GPU GEMMs round differently; bf16: 3e-2), and one DDP step against one process."""
+    results = spawn(nccl_worker, 2, timeout=TIMEOUT, backend="nccl")
+    for dtype in DTYPES:
+        tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+        hidden, weight, bias, labels, upstream, ref = make_case(37, 2, dtype)
+        want = run_linear(hidden, weight, bias, labels, upstream, None)
+        for name in ("logp", "dx"):
+            for got in results:
+                torch.testing.assert_close(got[("linear", str(dtype))][name].float(), want[name].float(), **tol)
+        for name in ("dw", "db"):
+            torch.testing.assert_close(assemble(results, name, ("linear", str(dtype)), 37, 2).float(),
+                                       want[name].float(), **tol)
+        for mode in ("stream", "eager"):
+            want = run_fused(hidden, weight, bias, labels, ref, mode, None)
+            for got in results:
+                torch.testing.assert_close(got[(mode, str(dtype))]["loss"], want["loss"], **tol)
+    _, _, want = single_process("eager", torch.float32, 2)
+    for got in results:
+        for n, p in got["ddp"].items():
+            torch.testing.assert_close(p, want[n], rtol=1e-4, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Run a function on ``world`` local gloo processes bound to 127.0.0.1, with a deadline (tests and benchmarks).
+"""Run a function on ``world`` local processes (gloo, or NCCL on GPUs) meeting on 127.0.0.1, with a deadline.
 
 :func:`spawn` starts ``world`` processes (``torch.multiprocessing``, spawn context), each joins a gloo process group
 on ``127.0.0.1`` at a free port, runs ``fn(rank, world, *args)`` and sends back what it returns (torch-saveable). A
@@ -26,7 +26,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable, args: Sequence[Any], out_dir: str, threads: int) -> None:
+def _worker(rank: int, world: int, port: int, fn: Callable, args: Sequence[Any], out_dir: str, threads: int,
+            backend: str) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
@@ -34,7 +35,9 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: Sequence[Any],
     torch.set_num_threads(threads)
     path = os.path.join(out_dir, f"rank{rank}.pt")
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         try:
             result = fn(rank, world, *args)
         finally:
@@ -45,7 +48,8 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: Sequence[Any],
         raise
 
 
-def spawn(fn: Callable, world: int, *args: Any, timeout: float = 60.0, threads: int = 1) -> List[Any]:
+def spawn(fn: Callable, world: int, *args: Any, timeout: float = 60.0, threads: int = 1,
+          backend: str = "gloo") -> List[Any]:
     """``[fn(0, world, *args), ..., fn(world - 1, world, *args)]``, each run in its own gloo process.
 
     Parameters
@@ -54,13 +58,16 @@ def spawn(fn: Callable, world: int, *args: Any, timeout: float = 60.0, threads: 
     world : number of processes (>= 1).
     timeout : seconds for the whole run (start-up included); past it every process is killed, ``TimeoutError``.
     threads : torch intra-op threads per process.
+    backend : ``"gloo"`` (CPU) or ``"nccl"`` (rank r on ``cuda:r``; the rendezvous still on 127.0.0.1).
     """
     if not isinstance(world, int) or world < 1:
         raise ValueError(f"world must be a positive int, got {world!r}")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="prefkern-dist-") as out_dir:
         port = free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, out_dir, threads), daemon=True)
+        procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, out_dir, threads, backend), daemon=True)
                  for r in range(world)]
         for p in procs:
             p.start()
