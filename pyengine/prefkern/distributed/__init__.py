@@ -10,15 +10,17 @@ and reduce them as any other gradient. Normalisation: each rank's loss is the me
 one process on the whole batch with the mean over all pairs (TRL's convention).
 
 - **FSDP2** (``fully_shard``): outside forward a sharded module's ``lm_head.weight`` is a ``Shard(0)`` DTensor
-  over the data-parallel ranks. Call the loss *inside* the forward of a module that owns the lm-head (FSDP gathers
-  the weight for that forward and for its backward, and reduce-scatters its gradient); a DTensor weight given to
-  the loss outside raises ``TypeError``. See ``tests/test_distributed_dp.py`` for the pattern.
+  over the data-parallel ranks. Call the loss *inside* the forward of the ``fully_shard`` unit whose parameters
+  include the lm-head (FSDP gathers the weight for that forward and for its backward, and reduce-scatters its
+  gradient; a head sharded as a unit of its own is gathered only in its own forward); a DTensor weight given to
+  the loss outside raises ``TypeError``; ``module.unshard()`` outside forward is no way either (the loss runs, the
+  gradient never reaches the sharded parameter). See ``tests/test_distributed.py`` for the pattern.
 - **ZeRO-3-style gathered heads** (a weight materialised only inside a gather, e.g. DeepSpeed's
-  ``GatheredParameters``): use ``mode="eager"`` (or ``"auto"``, which is eager for per-pair losses when a gradient
-  is wanted), call the loss inside the gather and ``backward()`` after it. The eager pass takes ``dW`` inside
-  forward and keeps no reference to the gathered storage; ``backward()`` puts ``dW`` on the parameter itself (the
-  framework's hooks partition it). ``mode="stream"`` saves the weight for its recomputing backward, so its
-  ``backward()`` must run inside the gather.
+  ``GatheredParameters``): call the loss *and* ``backward()`` (``engine.backward``) inside the gather, in either
+  mode, with the loss module outside the engine's module tree (ZeRO-3 hooks every submodule's forward and
+  backward). prefkern keeps no reference to the gathered storage past the call, and the gradient lands on the
+  parameter, whose hooks partition it. ``backward()`` after the gather fails loudly in both modes: torch's
+  ``AccumulateGrad`` lays the ``[V, H]`` gradient out like the parameter, which is empty by then.
 
 Tensor parallel: a vocab-parallel lm-head
 -----------------------------------------
