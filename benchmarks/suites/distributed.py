@@ -3,8 +3,8 @@ gloo processes on this CPU, next to the same step on one process with the whole 
 to the all-reduces per step, from the formula and counted.
 
 The benchmark process itself is rank 0 of a 2-process gloo group on 127.0.0.1; a helper process (rank 1) is started
-at the first case and runs the same step whenever rank 0 does (one broadcast of a 2-int command first, a few tens of
-microseconds). Rank 0's wall time of the step is what the harness times; its peak memory is rank 0's alone. Each
+at the first case and runs the same step whenever rank 0 does (one broadcast of a 16-byte command first, inside the
+timed region). Rank 0's wall time of the step is what the harness times; its peak memory is rank 0's alone. Each
 process of the group runs 1 thread, the one-process rows the harness's default threads, so both use the machine's
 2 cores. CPU only: multi-GPU (NCCL) speed is not measured here.
 """
