@@ -20,13 +20,15 @@ from .ops.linear_logprobs import linear_logprobs
 from .losses import *  # noqa: F401,F403
 from .losses import __all__ as _losses_all
 from .fused_loss import FusedLinearPreferenceLoss
+from .distributed import VocabParallel
 from .ensemble import (
     EnsembleRewardHead, EnsembleScores, bootstrap_weights, bradley_terry_loss, calibration_stats, ensemble_head,
     ensemble_reduce,
 )
 from .best_of_n import Selection, best_of_n, sample
 
-__all__ = ["__version__", "info", "logprobs", "linear_logprobs", "FusedLinearPreferenceLoss", "reference"]
+__all__ = ["__version__", "info", "logprobs", "linear_logprobs", "FusedLinearPreferenceLoss", "VocabParallel",
+           "reference"]
 __all__ += list(_losses_all)
 __all__ += ["ensemble_reduce", "ensemble_head", "EnsembleRewardHead", "RewardEnsemble", "EnsembleScores",
             "calibration_stats", "bradley_terry_loss", "bootstrap_weights"]

@@ -43,6 +43,8 @@ from .fused.objective import CatalogObjective, CatalogUnpairedObjective
 from .losses import PreferenceLossOutput
 from .losses.registry import LOSS_REGISTRY, available_loss_types, loss_entry
 from .ops.linear_logprobs import linear_logprobs, logit_transform, shift_labels
+from .distributed.vocab_parallel import VocabParallel, resolve_vocab_parallel
+from .distributed.vocab_parallel import check_inputs as check_vocab_parallel_inputs
 
 #: loss types whose batch loss splits into per-pair (KTO: per-example) shares: eager mode applies to them
 EAGER_LOSS_TYPES = frozenset([name for name, entry in LOSS_REGISTRY.items() if entry.per_pair] + ["rpo"])
@@ -121,9 +123,14 @@ class FusedLinearPreferenceLoss(nn.Module):
         logit_scale: float = 1.0,
         logit_softcap: Optional[float] = None,
         deterministic: bool = True,
+        vocab_parallel: Any = None,
         **loss_kwargs: Any,
     ) -> None:
         super().__init__()
+        if vocab_parallel is not None and vocab_parallel is not True and not isinstance(vocab_parallel, VocabParallel):
+            raise TypeError(f"vocab_parallel must be None, True or a prefkern.distributed.VocabParallel, got "
+                            f"{type(vocab_parallel).__name__}")
+        self.vocab_parallel = vocab_parallel
         if loss_type == "c3po":
             raise ValueError("c3po adds constraint terms on other prompts: compute its token log-probs with "
                              "prefkern.linear_logprobs and call prefkern.c3po_loss")
@@ -175,7 +182,15 @@ class FusedLinearPreferenceLoss(nn.Module):
     @property
     def engine_options(self) -> EngineOptions:
         return EngineOptions(self.ignore_index, self.mode, self.backend, self.memory_budget, type(self).__name__,
-                             self.transform, self.deterministic)
+                             self.transform, self.deterministic, self.vocab_parallel)
+
+    def _check_head(self, hidden, weight, labels, bias, names=("hidden", "weight", "labels", "bias"), **kwargs):
+        """check_lm_head, or the vocab-parallel checks (this rank's slice, possibly empty) when the head is split."""
+        w, b, vp = resolve_vocab_parallel(weight, bias, self.vocab_parallel)
+        if vp is None:
+            check_lm_head(hidden, weight, labels, bias, names=names, **kwargs)
+        else:
+            check_vocab_parallel_inputs(hidden, w, labels, b, vp, tuple(names))
 
     def _reference_free(self) -> bool:
         return bool(self.loss_kwargs.get("reference_free")) or self.loss_type == "sft" or not self._takes_reference
@@ -216,7 +231,7 @@ class FusedLinearPreferenceLoss(nn.Module):
         """Checks (before any GEMM) and the shifted int64 labels."""
         if check_tensor("hidden", hidden).dim() != 3:
             raise ValueError(f"hidden must have shape {layout}, got {tuple(hidden.shape)}")
-        check_lm_head(hidden, weight, labels, bias, hidden_shape=layout)
+        self._check_head(hidden, weight, labels, bias, hidden_shape=layout)
         return shift_labels(labels.to(torch.int64), self.shift, self.ignore_index)
 
     def _reference(self, ref_hidden, ref_weight, ref_bias, weight, bias, labels, ref_logps):
@@ -246,8 +261,9 @@ class FusedLinearPreferenceLoss(nn.Module):
             raise ValueError(f"{name} must have shape [R, T, H'] with [R, T] = {tuple(labels.shape)}, "
                              f"got {tuple(ref_hidden.shape)}")
         rw, rb = (ref_weight, ref_bias) if ref_weight is not None else (weight, bias)
-        check_lm_head(ref_hidden, rw, labels, rb, names=(name, "ref_weight", "labels", "ref_bias"))
-        return token_logps_no_grad(ref_hidden, rw, rb, labels, self.ignore_index, self.backend, self.transform)
+        self._check_head(ref_hidden, rw, labels, rb, names=(name, "ref_weight", "labels", "ref_bias"))
+        return token_logps_no_grad(ref_hidden, rw, rb, labels, self.ignore_index, self.backend, self.transform,
+                                   self.vocab_parallel)
 
     # ---- token-level loss -------------------------------------------------------------------------------
 
@@ -256,10 +272,13 @@ class FusedLinearPreferenceLoss(nn.Module):
             raise ValueError(f"loss_type 'salt' needs token_weights of shape {tuple(labels.shape)} ([edited; generated])")
         t = self.transform
         token_logps = linear_logprobs(hidden, weight, labels, bias, ignore_index=self.ignore_index, backend=self.backend,
-                                      temperature=t.temperature, logit_scale=t.scale, logit_softcap=t.softcap)
+                                      temperature=t.temperature, logit_scale=t.scale, logit_softcap=t.softcap,
+                                      vocab_parallel=self.vocab_parallel)
         b = labels.shape[0] // 2
         kwargs = dict(self.loss_kwargs)
-        kwargs.setdefault("vocab_size", weight.shape[0])
+        if isinstance(self.vocab_parallel, VocabParallel) and "vocab_size" not in kwargs:
+            raise ValueError("loss_type 'salt' on a vocab-parallel head needs vocab_size= (the whole head's V)")
+        kwargs.setdefault("vocab_size", weight.shape[0])  # a DTensor's shape is the whole head's
         w = token_weights * mask
         return loss_entry("salt").fn(token_logps[:b], w[:b], token_logps[b:], w[b:], **kwargs)
 
@@ -332,11 +351,12 @@ class FusedLinearUnpairedLoss(FusedLinearPreferenceLoss):
             return {}
         if kl_labels is None:
             raise ValueError("kl_hidden needs kl_labels")
-        check_lm_head(kl_hidden, weight, kl_labels, bias, names=("kl_hidden", "weight", "kl_labels", "bias"))
+        self._check_head(kl_hidden, weight, kl_labels, bias, names=("kl_hidden", "weight", "kl_labels", "bias"))
         kl_labels = shift_labels(kl_labels.to(torch.int64), self.shift, self.ignore_index)
         kl_mask = kl_labels != self.ignore_index
         kwargs = {"kl_policy_logps": (token_logps_no_grad(kl_hidden, weight, bias, kl_labels, self.ignore_index,
-                                                          self.backend, self.transform) * kl_mask).sum(-1)}
+                                                          self.backend, self.transform, self.vocab_parallel)
+                                        * kl_mask).sum(-1)}
         if ref_kl_hidden is not None:
             kwargs["kl_ref_logps"] = (self._reference_tokens(ref_kl_hidden, ref_weight, ref_bias, weight, bias,
                                                              kl_labels, "ref_kl_hidden") * kl_mask).sum(-1)

@@ -12,7 +12,7 @@ validates its own arguments, builds an :class:`~prefkern.fused.objective.BatchOb
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -21,6 +21,7 @@ from ..dispatch import resolve_backend
 from ..losses import PreferenceLossOutput
 from ..ops.linear_logprobs import default_chunk_rows, linear_logprobs
 from ..ops.lm_head_gemm import IDENTITY, LogitTransform, matched_operands
+from ..distributed.vocab_parallel import resolve_vocab_parallel, vocab_parallel_token_logps_no_grad
 from .eager import differentiable_token_logps, eager_gradients, loss_with_gradients
 from .objective import BatchObjective
 
@@ -47,6 +48,7 @@ class EngineOptions:
     op: str = "FusedLinearPreferenceLoss"
     transform: LogitTransform = IDENTITY
     deterministic: bool = True
+    vocab_parallel: Any = None  # None, True (a Shard(0) DTensor head) or a prefkern.distributed.VocabParallel
 
 
 @dataclass
@@ -99,6 +101,13 @@ def fused_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     -------
     :class:`FusedResult`.
     """
+    weight, bias, vp = resolve_vocab_parallel(weight, bias, options.vocab_parallel)
+    if vp is not None:
+        from ..distributed.engine import vocab_parallel_fused_loss
+
+        if options.transform != IDENTITY:
+            raise ValueError("temperature, logit_scale and logit_softcap are not supported on a vocab-parallel head")
+        return vocab_parallel_fused_loss(hidden, weight, bias, labels, objective, options, vp)
     hidden, weight, bias = matched_operands(hidden, weight, bias)
     backend = _concrete_backend(float64_backend("hidden", hidden, options.backend), hidden.device, options.op)
     # under torch.compile the eager pass (autograd inside forward, a loop over data-dependent chunks) is not
@@ -130,8 +139,11 @@ def _stream(hidden, weight, bias, labels, objective, options, backend) -> FusedR
 
 def token_logps_no_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         labels: torch.Tensor, ignore_index: int, backend: str,
-                        transform: LogitTransform = IDENTITY) -> torch.Tensor:
+                        transform: LogitTransform = IDENTITY, vocab_parallel: Any = None) -> torch.Tensor:
     """[R, T] fp32 token log-probs without gradient (a reference model's pass: one matmul unit)."""
+    weight, bias, vp = resolve_vocab_parallel(weight, bias, vocab_parallel)
+    if vp is not None:
+        return vocab_parallel_token_logps_no_grad(hidden, weight, bias, labels, ignore_index, vp)
     with torch.no_grad():
         return linear_logprobs(hidden.detach(), weight.detach(), labels, None if bias is None else bias.detach(),
                                ignore_index=ignore_index, backend=backend, temperature=transform.temperature,
