@@ -41,7 +41,7 @@ def test_native_cpu_rejects_unknown_dtype_code():
     mod = native()
     logits = torch.zeros(2, 8)
     labels = torch.zeros(2, dtype=torch.int64)
-    logp, lse = torch.empty(2), torch.empty(2)
+    logp, lse = torch.empty(2), torch.empty(2, 2)
     with pytest.raises(ValueError, match="dtype code 7"):
         mod.logprobs_forward_cpu(logits.data_ptr(), 7, 2, 8, 8, labels.data_ptr(), -100, 1.0, logp.data_ptr(),
                                  lse.data_ptr())
@@ -62,7 +62,7 @@ def test_native_cpu_accepts_the_three_dtype_codes():
     for code, dtype in ((0, torch.float32), (1, torch.bfloat16), (2, torch.float16)):
         logits = torch.tensor([[2.0, 0.0, -1.0]], dtype=dtype)
         labels = torch.tensor([0])
-        logp, lse = torch.empty(1), torch.empty(1)
+        logp, lse = torch.empty(1), torch.empty(1, 2)
         mod.logprobs_forward_cpu(logits.data_ptr(), code, 1, 3, 3, labels.data_ptr(), -100, 1.0, logp.data_ptr(),
                                  lse.data_ptr())
         assert logp.item() == pytest.approx(truth64(logits.float(), labels).item(), abs=1e-6)
