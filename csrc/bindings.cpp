@@ -41,41 +41,42 @@ NB_MODULE(_native, m) {
   m.def("cuda_archs", []() { return std::string(PREFKERN_CUDA_ARCHS); });
 
   // ---- logprobs ------------------------------------------------------------------------------
+  // lse_parts: [N, 2] fp32, (row max, log of the sum of exp(z - max)) per row (cpu/logprobs.h).
   m.def("logprobs_forward_cpu",
         [](u64 logits, int dtype, int64_t n, int64_t v, int64_t stride, u64 labels, int64_t ignore,
-           float inv_t, u64 logp, u64 lse) {
+           float inv_t, u64 logp, u64 lse_parts) {
           prefkern::check_dtype_code(dtype);
           prefkern::cpu::logprobs_forward(ptr<const void>(logits), dtype, n, v, stride,
                                           ptr<const int64_t>(labels), ignore, inv_t, ptr<float>(logp),
-                                          ptr<float>(lse));
+                                          ptr<float>(lse_parts));
         },
         nb::call_guard<nb::gil_scoped_release>());
   m.def("logprobs_backward_cpu",
         [](u64 grad, u64 logits, int dtype, int64_t n, int64_t v, int64_t stride, u64 labels,
-           int64_t ignore, float inv_t, u64 lse, u64 out, int64_t out_stride) {
+           int64_t ignore, float inv_t, u64 lse_parts, u64 out, int64_t out_stride) {
           prefkern::check_dtype_code(dtype);
           prefkern::cpu::logprobs_backward(ptr<const float>(grad), ptr<const void>(logits), dtype, n, v,
                                            stride, ptr<const int64_t>(labels), ignore, inv_t,
-                                           ptr<const float>(lse), ptr<void>(out), out_stride);
+                                           ptr<const float>(lse_parts), ptr<void>(out), out_stride);
         },
         nb::call_guard<nb::gil_scoped_release>());
 #ifdef PREFKERN_HAS_CUDA
   m.def("logprobs_forward_cuda",
         [](u64 logits, int dtype, int64_t n, int64_t v, int64_t stride, u64 labels, int64_t ignore,
-           float inv_t, u64 logp, u64 lse, u64 stream) {
+           float inv_t, u64 logp, u64 lse_parts, u64 stream) {
           prefkern::check_dtype_code(dtype);
           check_cuda(prefkern::cuda::logprobs_forward(ptr<const void>(logits), dtype, n, v, stride,
                                                       ptr<const int64_t>(labels), ignore, inv_t,
-                                                      ptr<float>(logp), ptr<float>(lse), stream),
+                                                      ptr<float>(logp), ptr<float>(lse_parts), stream),
                      "logprobs_forward_cuda");
         });
   m.def("logprobs_backward_cuda",
         [](u64 grad, u64 logits, int dtype, int64_t n, int64_t v, int64_t stride, u64 labels,
-           int64_t ignore, float inv_t, u64 lse, u64 out, int64_t out_stride, u64 stream) {
+           int64_t ignore, float inv_t, u64 lse_parts, u64 out, int64_t out_stride, u64 stream) {
           prefkern::check_dtype_code(dtype);
           check_cuda(prefkern::cuda::logprobs_backward(ptr<const float>(grad), ptr<const void>(logits),
                                                        dtype, n, v, stride, ptr<const int64_t>(labels),
-                                                       ignore, inv_t, ptr<const float>(lse),
+                                                       ignore, inv_t, ptr<const float>(lse_parts),
                                                        ptr<void>(out), out_stride, stream),
                      "logprobs_backward_cuda");
         });

@@ -105,12 +105,13 @@ def _linear_lse_backward_kernel(
     # Token blocks with no gradient (prompt or padding positions) cost nothing; NaN counts as work.
     g_max = tl.max(tl.where(g == g, tl.abs(g), float("inf")), axis=0)
     if g_max > 0:
-        lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+        m = tl.load(lse_ptr + 2 * offs_n, mask=mask_n, other=0.0)
+        log_s = tl.load(lse_ptr + 2 * offs_n + 1, mask=mask_n, other=0.0)
         z = _logit_tile(x_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_xn, stride_xh,
                         stride_wv, stride_wh, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST)
-        p = tl.exp(z - lse[:, None])
+        p = tl.exp((z - m[:, None]) - log_s[:, None])
         onehot = tl.where(offs_v[None, :].to(tl.int64) == y[:, None], 1.0, 0.0)
-        # ignored rows carry lse = 0, so their p may be inf and g * p NaN: select 0, never multiply by 0
+        # ignored rows carry m = log s = 0, so their p may be inf and g * p NaN: select 0, never multiply by 0
         dz = tl.where(live[:, None] & mask_v[None, :], g[:, None] * (onehot - p), 0.0)
         if COMPUTE_DB:
             tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
@@ -168,7 +169,8 @@ def _sm_count(device: torch.device) -> int:
 def linear_lse_forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor, ignore_index: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(logp [N], lse [N])`` in fp32 for ``hidden`` [N, H], ``weight`` [V, H], ``bias`` [V] or None."""
+    """``(logp [N], lse [N, 2])`` in fp32 for ``hidden`` [N, H], ``weight`` [V, H], ``bias`` [V] or None; ``lse``
+    holds each row's log-sum-exp in two parts, the max m and log sum exp(z - m), for the backward."""
     n, h = hidden.shape
     v = weight.shape[0]
     config = launch_config(hidden.dtype, _on_gpu(hidden))
@@ -190,19 +192,20 @@ def linear_lse_forward(
     top = m.max(dim=0).values
     safe_top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
     log_s = torch.log((s * torch.exp(m - safe_top)).sum(dim=0))
-    lse = safe_top + log_s
     # (z_y - max) - log s, never z_y - lse: the rounding of lse is one ulp of |lse|
-    logp = torch.where(labels == ignore_index, torch.zeros_like(lse), (zy.sum(dim=0) - safe_top) - log_s)
+    logp = torch.where(labels == ignore_index, torch.zeros_like(log_s), (zy.sum(dim=0) - safe_top) - log_s)
     # an out-of-range label (unchecked under graph capture) matched no column: NaN, not -lse
-    logp = torch.where((labels != ignore_index) & ((labels < 0) | (labels >= v)), torch.full_like(lse, float("nan")), logp)
-    return logp, lse
+    logp = torch.where((labels != ignore_index) & ((labels < 0) | (labels >= v)), torch.full_like(log_s, float("nan")),
+                       logp)
+    return logp, torch.stack([safe_top, log_s], dim=-1)
 
 
 def linear_lse_backward(
     grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     labels: torch.Tensor, lse: torch.Tensor, ignore_index: int, need_dx: bool, need_dw: bool, need_db: bool,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """fp32 ``(dX [N, H], dW [V, H], db [V])`` for upstream ``grad`` [N]; None where not needed."""
+    """fp32 ``(dX [N, H], dW [V, H], db [V])`` for upstream ``grad`` [N] and the forward's ``lse`` [N, 2]; None
+    where not needed."""
     n, h = hidden.shape
     v = weight.shape[0]
     dev = hidden.device

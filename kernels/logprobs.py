@@ -45,7 +45,9 @@ def _logprobs_forward_kernel(
     valid = y != ignore_index
     in_range = (y >= 0) & (y < V)  # out of range (unchecked under graph capture): NaN, never a stray read
     zy = tl.load(row_ptr + tl.where(valid & in_range, y, 0)).to(tl.float32) * scale
-    tl.store(lse_ptr + row, m + log_s)
+    # m and log s kept apart: the backward's exp((z - m) - log s) must not see the rounding of m + log s
+    tl.store(lse_ptr + 2 * row, m)
+    tl.store(lse_ptr + 2 * row + 1, log_s)
     # (z_y - m) - log s, never z_y - lse: the rounding of lse is one ulp of |lse|
     tl.store(logp_ptr + row, tl.where(valid, tl.where(in_range, (zy - m) - log_s, float("nan")), 0.0))
 
@@ -69,12 +71,13 @@ def _logprobs_backward_kernel(
     y = tl.load(labels_ptr + row).to(tl.int64)
     g = tl.load(grad_ptr + row)
     gs = tl.where(y == ignore_index, 0.0, g * scale)
-    lse = tl.load(lse_ptr + row)
+    m = tl.load(lse_ptr + 2 * row)
+    log_s = tl.load(lse_ptr + 2 * row + 1)
     if EVEN_V:
         x = tl.load(logits_ptr + row * stride_logits_n + offs)
     else:
         x = tl.load(logits_ptr + row * stride_logits_n + offs, mask=offs < V, other=0.0)
-    p = tl.exp(x.to(tl.float32) * scale - lse)
+    p = tl.exp((x.to(tl.float32) * scale - m) - log_s)
     d = gs * (tl.where(offs == y, 1.0, 0.0) - p)
     out = grad_logits_ptr + row * stride_grad_logits_n + offs
     if EVEN_V:
@@ -101,10 +104,11 @@ def backward_config(vocab: int) -> dict:
 def logprobs_forward(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logp [N] and lse [N] (fp32) of ``logits * scale``; ``logits`` [N, V] with unit column stride."""
+    """logp [N] and the log-sum-exp in parts [N, 2] (fp32: the row max m and log sum exp(z - m)) of
+    ``logits * scale``; ``logits`` [N, V] with unit column stride."""
     n, v = logits.shape
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty((n, 2), dtype=torch.float32, device=logits.device)
     if n == 0:
         return logp, lse
     _logprobs_forward_kernel[(n,)](
@@ -118,8 +122,9 @@ def logprobs_backward(
     grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
     ignore_index: int, scale: float, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """d logp / d logits contracted with ``grad`` [N], written to ``out`` (may be ``logits`` itself: each
-    element is read before it is written) or to a new [N, V] tensor in the dtype of ``logits``."""
+    """d logp / d logits contracted with ``grad`` [N] (``lse``: the forward's [N, 2] parts), written to ``out``
+    (may be ``logits`` itself: each element is read before it is written) or to a new [N, V] tensor in the dtype
+    of ``logits``."""
     n, v = logits.shape
     grad_logits = torch.empty((n, v), dtype=logits.dtype, device=logits.device) if out is None else out
     if n == 0 or v == 0:

@@ -1,6 +1,6 @@
 """Numerics of the kernels themselves (native C++, Triton under the interpreter), against float64 truth
 written here: dtype codes, log-prob precision at large logits, NaN propagation, the tile backward on
-ignored rows."""
+ignored rows, gradient precision at large logits."""
 
 import math
 
@@ -8,7 +8,11 @@ import pytest
 import torch
 
 import prefkern
+from prefkern import reference
 from prefkern.dispatch import backend_status
+from prefkern.losses import preference_batch
+from prefkern.ops.linear_logprobs import linear_logprobs_fwd
+from tolerance import assert_within_torch_error
 
 CPU = torch.device("cpu")
 EPS32 = 2.0**-24  # unit roundoff of float32
@@ -41,7 +45,7 @@ def test_native_cpu_rejects_unknown_dtype_code():
     mod = native()
     logits = torch.zeros(2, 8)
     labels = torch.zeros(2, dtype=torch.int64)
-    logp, lse = torch.empty(2), torch.empty(2)
+    logp, lse = torch.empty(2), torch.empty(2, 2)
     with pytest.raises(ValueError, match="dtype code 7"):
         mod.logprobs_forward_cpu(logits.data_ptr(), 7, 2, 8, 8, labels.data_ptr(), -100, 1.0, logp.data_ptr(),
                                  lse.data_ptr())
@@ -62,7 +66,7 @@ def test_native_cpu_accepts_the_three_dtype_codes():
     for code, dtype in ((0, torch.float32), (1, torch.bfloat16), (2, torch.float16)):
         logits = torch.tensor([[2.0, 0.0, -1.0]], dtype=dtype)
         labels = torch.tensor([0])
-        logp, lse = torch.empty(1), torch.empty(1)
+        logp, lse = torch.empty(1), torch.empty(1, 2)
         mod.logprobs_forward_cpu(logits.data_ptr(), code, 1, 3, 3, labels.data_ptr(), -100, 1.0, logp.data_ptr(),
                                  lse.data_ptr())
         assert logp.item() == pytest.approx(truth64(logits.float(), labels).item(), abs=1e-6)
@@ -237,3 +241,175 @@ def test_tile_backward_ignored_row_with_huge_logits(bias):
         assert torch.isfinite(ours).all(), f"{name} has non-finite entries"
         torch.testing.assert_close(ours.double(), r, rtol=1e-4, atol=1e-5, msg=name)
     assert torch.all(tiles[0][4] == 0)
+
+
+# ---- 5. gradient precision: the backward's softmax from (m, log s), never from an fp32 lse -----------
+
+
+def grad_backends():
+    return cpu_backends() + ["torch"]
+
+
+def softmax_grad_bound(z64, g):
+    """Per entry, for logits exact in float32 at any offset: the rounding of (z - m) - log s, of log s, of the
+    exp and of g * (onehot - p) in float32 -- a few ulp of |z - m| + log s relative to p, nothing of |lse|."""
+    m = z64.max(dim=-1, keepdim=True).values
+    log_s = (z64 - m).exp().sum(-1, keepdim=True).log()
+    p = ((z64 - m) - log_s).exp()
+    return EPS32 * (8 * p * ((z64 - m).abs() + log_s + 4) + 2) * g.abs().unsqueeze(-1)
+
+
+def logit_grads(fn, logits, g):
+    x = logits.detach().clone().requires_grad_()
+    fn(x).backward(g.to(torch.float64 if x.dtype == torch.float64 else torch.float32))
+    return x.grad
+
+
+@pytest.mark.parametrize("backend", grad_backends())
+@pytest.mark.parametrize("offset", [0.0, 300.0, 1.0e4])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])  # 1/T a power of two: z = x / T exact at every offset
+def test_logprobs_gradient_does_not_lose_the_offset(backend, offset, temperature):
+    n, v = 12, 700
+    x = offset_logits(n, v, offset, seed=5)
+    labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(6))
+    labels[4] = -100
+    g = torch.randn(n, generator=torch.Generator().manual_seed(7))
+    ours = logit_grads(lambda t: prefkern.logprobs(t, labels, temperature=temperature, backend=backend), x, g)
+    ref = logit_grads(lambda t: torch.log_softmax(t / temperature, -1).gather(-1, labels.clamp(min=0)[:, None])
+                      .squeeze(-1).masked_fill(labels == -100, 0.0), x.double(), g.double())
+    assert ours[4].eq(0).all()
+    err = (ours.double() - ref).abs()
+    bound = softmax_grad_bound(x.double() / temperature, g) / temperature
+    assert torch.all(err <= bound), f"max error / bound {(err / bound).max().item():.1f} at offset {offset}"
+
+
+@pytest.mark.parametrize("backend", grad_backends())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("offset", [0.0, 300.0, 1.0e4])
+def test_logprobs_gradient_at_offsets_low_precision(backend, dtype, offset):
+    n, v = 12, 700
+    x = offset_logits(n, v, offset, seed=5).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(6))
+    g = torch.randn(n, generator=torch.Generator().manual_seed(7))
+    ours = logit_grads(lambda t: prefkern.logprobs(t, labels, backend=backend), x, g)
+    ref = logit_grads(lambda t: torch.log_softmax(t, -1).gather(-1, labels[:, None]).squeeze(-1),
+                      x.double(), g.double())
+    tor = logit_grads(lambda t: torch.log_softmax(t, -1).gather(-1, labels[:, None]).squeeze(-1), x, g)
+    assert ours.dtype == dtype
+    assert_within_torch_error(ours, tor, ref, dtype, f"d logits at offset {offset}")
+
+
+@pytest.mark.parametrize("backend", grad_backends())
+@pytest.mark.parametrize("offset", [0.0, 300.0, 1.0e4])
+def test_confident_token_gradients_at_offsets(backend, offset):
+    # label logit d above the rest: lse = m + e^-d, whose fp32 rounding once gave every other p an error of
+    # up to half an ulp of |m| (relative) and the label p = 1 exactly
+    gaps = torch.tensor([8.0, 9.5, 11.0, 12.5, 14.0, 15.25])
+    v = 33
+    x = torch.zeros(len(gaps), v)
+    x[:, 1:] = -gaps.unsqueeze(1) - torch.arange(v - 1).float() / 4
+    x += offset
+    labels = torch.zeros(len(gaps), dtype=torch.int64)
+    g = torch.linspace(-2.0, 3.5, len(gaps))
+    ours = logit_grads(lambda t: prefkern.logprobs(t, labels, backend=backend), x, g)
+    ref = logit_grads(lambda t: torch.log_softmax(t, -1)[:, 0], x.double(), g.double())
+    err = (ours.double() - ref).abs()
+    bound = softmax_grad_bound(x.double(), g)
+    assert torch.all(err <= bound), f"max error / bound {(err / bound).max().item():.1f} at offset {offset}"
+    # the label's own gradient g (1 - p_y) = g (1 - e^-(log s)): not rounded to 0
+    assert torch.all(ours[:, 0] != 0)
+
+
+def exact_head(n, h, v, seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randint(-8, 9, (n, h), generator=g).float() / 4
+    weight = torch.randint(-8, 9, (v, h), generator=g).float() / 4
+    return hidden, weight, g
+
+
+def linear_runs():
+    runs = [(b, True) for b in cpu_backends()] + [("triton", False)] * ("triton" in cpu_backends())
+    return runs + [("torch-rows", True), ("torch", True)]
+
+
+def linear_grads(backend, deterministic, hidden, weight, bias, labels, g):
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    if backend == "torch-rows":  # the chunked paths with the torch row ops (what "auto" falls back to)
+        out = linear_logprobs_fwd(*leaves, labels, -100, "torch", 5, True, 1.0, 1.0, 0.0, False)[0]
+    else:
+        out = prefkern.linear_logprobs(leaves[0], leaves[1], labels, leaves[2], backend=backend, chunk_rows=5,
+                                       deterministic=deterministic)
+    out.backward(g.to(out.dtype))
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend,deterministic", linear_runs())
+@pytest.mark.parametrize("offset", [0.0, 300.0, 1.0e4])
+def test_linear_logprobs_gradient_does_not_lose_the_offset(backend, deterministic, offset):
+    # every logit exact in float32 (the offset enters through the bias); the GEMMs of dX and dW on top of
+    # the logit gradient add sums of H or N products, far below the bound
+    n, h, v = 13, 4, 100
+    hidden, weight, gen = exact_head(n, h, v, seed=8)
+    bias = torch.full((v,), offset) + torch.randint(-8, 9, (v,), generator=gen).float() / 8
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[3] = -100
+    g = torch.randn(n, generator=gen)
+    ours = linear_grads(backend, deterministic, hidden, weight, bias, labels, g)
+    ref = linear_grads("torch", True, hidden.double(), weight.double(), bias.double(), labels, g.double())
+    assert torch.all(ours[0][3] == 0)
+    for name, a, r in zip(("dX", "dW", "db"), ours, ref):
+        err = (a.double() - r).abs().max().item()
+        assert err <= 1e-5 * r.abs().max().item(), f"{name}: max error {err:.3e} of max {r.abs().max().item():.3e}"
+
+
+@pytest.mark.parametrize("backend,deterministic", linear_runs())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_logprobs_gradient_at_an_offset_low_precision(backend, deterministic, dtype):
+    n, h, v = 13, 4, 100
+    hidden, weight, gen = exact_head(n, h, v, seed=8)
+    bias = torch.full((v,), 1.0e4) + torch.randint(-8, 9, (v,), generator=gen).float()
+    labels = torch.randint(0, v, (n,), generator=gen)
+    g = torch.randn(n, generator=gen)
+    x, w, b = hidden.to(dtype), weight.to(dtype), bias.to(dtype)
+    ours = linear_grads(backend, deterministic, x, w, b, labels, g)
+    ref = linear_grads("torch", True, x.double(), w.double(), b.double(), labels, g.double())
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    reference.linear_logprobs(*leaves[:2], labels, leaves[2], compute_dtype=dtype).backward(g.to(dtype))
+    for name, a, r, t in zip(("dX", "dW", "db"), ours, ref, [t.grad for t in leaves]):
+        assert a.dtype == dtype
+        assert_within_torch_error(a, t, r, dtype, name)
+
+
+@pytest.mark.parametrize("through", ["loss", "token_logps"])
+def test_eager_dpo_gradient_at_a_large_offset(through):
+    # the eager pass forms the logit gradient inside forward (its row kernels' own state) and saves the
+    # state for a gradient that reaches the token log-probs later (_EagerTokenLogps): both at |z| ~ 1e4
+    b_, t, h, v = 2, 9, 4, 60
+    hidden, weight, gen = exact_head(2 * b_ * t, h, v, seed=9)
+    hidden = hidden.view(2 * b_, t, h)
+    bias = torch.full((v,), 1.0e4) + torch.randint(-8, 9, (v,), generator=gen).float() / 8
+    labels = torch.randint(0, v, (2 * b_, t), generator=gen)
+    labels[:, :2] = -100
+    ref_logps = torch.tensor([-30.0, -28.0, -31.0, -27.5])
+    weights = torch.tensor([0.7, -1.3])
+
+    def value(out):
+        return out.loss if through == "loss" else (out.losses * weights.to(out.losses.dtype)).sum()
+
+    leaves = [p.detach().clone().requires_grad_() for p in (hidden, weight, bias)]
+    out = prefkern.FusedLinearPreferenceLoss("sigmoid", mode="eager")(*leaves[:2], labels, leaves[2],
+                                                                     ref_logps=ref_logps)
+    value(out).backward()
+    ours = [p.grad for p in leaves]
+
+    leaves64 = [p.detach().double().requires_grad_() for p in (hidden, weight, bias)]
+    tok = torch.log_softmax(leaves64[0] @ leaves64[1].t() + leaves64[2], -1)
+    mask = labels != -100
+    tok = tok.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
+    ref_mask = torch.ones(2 * b_, 1, dtype=torch.bool)  # one per-sequence reference log-prob per row
+    batch = preference_batch(tok, mask, ref_logps.double().unsqueeze(1), ref_mask=ref_mask)
+    exact = prefkern.preference_loss("sigmoid", batch=batch)
+    value(exact).backward()
+    for name, a, r in zip(("dX", "dW", "db"), ours, (p.grad for p in leaves64)):
+        err = (a.double() - r).abs().max().item()
+        assert err <= 1e-5 * r.abs().max().item(), f"{name}: max error {err:.3e} of max {r.abs().max().item():.3e}"

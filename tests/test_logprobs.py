@@ -219,7 +219,7 @@ def test_kernels_write_nan_for_out_of_range_labels():
     want = truth(logits, labels.where((labels >= 0) & (labels < 50), torch.zeros_like(labels)))
     outs = {}
     if backend_status("native", CPU)[0]:
-        logp, lse = torch.empty(6), torch.empty(6)
+        logp, lse = torch.empty(6), torch.empty(6, 2)
         native_module().logprobs_forward_cpu(logits.data_ptr(), dtype_code(logits), 6, 50, 50, labels.data_ptr(),
                                              -100, 1.0, logp.data_ptr(), lse.data_ptr())
         outs["native"] = logp

@@ -80,7 +80,7 @@ def empty(*shape, dtype=f32):
 
 N, V, H, R = 8192, 128256, 4096, 256
 K = (128 << 20) // (4 * V)  # rows of the chunked path's default 128 MB fp32 logits buffer on a GPU
-labels, g, lse = empty(N, dtype=torch.int64), empty(N), empty(N)
+labels, g, lse = empty(N, dtype=torch.int64), empty(N), empty(N, 2)
 label[0] = "logprobs bf16 [N, V]"
 LP.logprobs_forward(empty(N, V, dtype=bf16), labels, -100, 1.0)
 LP.logprobs_backward(g, empty(N, V, dtype=bf16), labels, lse, -100, 1.0)

@@ -51,10 +51,11 @@ PREFKERN_CLONES MaxSum row_max_sum(const typename D::storage* row, int64_t vocab
 
 // out[v] = -g * scale * softmax_v, rounded once to the storage dtype (the label entry is fixed up after).
 template <class D>
-PREFKERN_CLONES void row_grad(const typename D::storage* row, int64_t vocab, float scale, float lse,
-                              float g, typename D::storage* out) {
+PREFKERN_CLONES void row_grad(const typename D::storage* row, int64_t vocab, float scale, float m,
+                              float log_s, float g, typename D::storage* out) {
   float gs = g * scale;
-  for (int64_t v = 0; v < vocab; ++v) out[v] = D::store(-gs * exp_nonpos(D::load(row[v]) * scale - lse));
+  for (int64_t v = 0; v < vocab; ++v)
+    out[v] = D::store(-gs * exp_nonpos((D::load(row[v]) * scale - m) - log_s));
 }
 
 // z_y rounded like the entries of the sum: not inlined, so that -ffp-contract=fast (GCC's default
@@ -64,14 +65,15 @@ template <class D>
 
 template <class D>
 void forward_impl(const typename D::storage* logits, int64_t n_rows, int64_t vocab, int64_t row_stride,
-                  const int64_t* labels, int64_t ignore_index, float scale, float* logp, float* lse) {
+                  const int64_t* labels, int64_t ignore_index, float scale, float* logp, float* lse_parts) {
   parallel_for_rows(n_rows, vocab, [&](int64_t begin, int64_t end) {
     alignas(64) float scratch[kBlock];
     for (int64_t n = begin; n < end; ++n) {
       const auto* row = logits + n * row_stride;
       MaxSum ms = row_max_sum<D>(row, vocab, scale, scratch);
       float log_s = std::log(ms.s);
-      lse[n] = ms.m + log_s;
+      lse_parts[2 * n] = ms.m;
+      lse_parts[2 * n + 1] = log_s;
       int64_t y = labels[n];
       // (z_y - m) - log s: z_y - lse would carry the rounding of lse, one ulp of |lse|
       logp[n] = y == ignore_index ? 0.0f
@@ -84,7 +86,7 @@ void forward_impl(const typename D::storage* logits, int64_t n_rows, int64_t voc
 template <class D>
 void backward_impl(const float* grad, const typename D::storage* logits, int64_t n_rows, int64_t vocab,
                    int64_t row_stride, const int64_t* labels, int64_t ignore_index, float scale,
-                   const float* lse, typename D::storage* out, int64_t out_stride) {
+                   const float* lse_parts, typename D::storage* out, int64_t out_stride) {
   using S = typename D::storage;
   parallel_for_rows(n_rows, vocab, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
@@ -96,9 +98,10 @@ void backward_impl(const float* grad, const typename D::storage* logits, int64_t
         std::fill(orow, orow + vocab, S(0));
         continue;
       }
+      float m = lse_parts[2 * n], log_s = lse_parts[2 * n + 1];
       // Read the label logit first: out may alias logits (the fused linear op works in place).
-      float gy = g * scale * (1.0f - exp_nonpos(D::load(row[y]) * scale - lse[n]));
-      row_grad<D>(row, vocab, scale, lse[n], g, orow);
+      float gy = g * scale * (1.0f - exp_nonpos((D::load(row[y]) * scale - m) - log_s));
+      row_grad<D>(row, vocab, scale, m, log_s, g, orow);
       orow[y] = D::store(gy);
     }
   });
@@ -108,22 +111,22 @@ void backward_impl(const float* grad, const typename D::storage* logits, int64_t
 
 void logprobs_forward(const void* logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride,
                       const int64_t* labels, int64_t ignore_index, float inv_temperature,
-                      float* logp, float* lse) {
+                      float* logp, float* lse_parts) {
   dispatch_dtype(dtype, [&](auto tag) {
     using D = decltype(tag);
     forward_impl<D>(static_cast<const typename D::storage*>(logits), n_rows, vocab, row_stride, labels,
-                    ignore_index, inv_temperature, logp, lse);
+                    ignore_index, inv_temperature, logp, lse_parts);
   });
 }
 
 void logprobs_backward(const float* grad, const void* logits, int dtype, int64_t n_rows, int64_t vocab,
                        int64_t row_stride, const int64_t* labels, int64_t ignore_index,
-                       float inv_temperature, const float* lse, void* grad_logits,
+                       float inv_temperature, const float* lse_parts, void* grad_logits,
                        int64_t grad_row_stride) {
   dispatch_dtype(dtype, [&](auto tag) {
     using D = decltype(tag);
     backward_impl<D>(grad, static_cast<const typename D::storage*>(logits), n_rows, vocab, row_stride,
-                     labels, ignore_index, inv_temperature, lse,
+                     labels, ignore_index, inv_temperature, lse_parts,
                      static_cast<typename D::storage*>(grad_logits), grad_row_stride);
   });
 }

@@ -33,7 +33,7 @@ __device__ __forceinline__ MaxSum block_merge(MaxSum v) {
 template <class T>
 __global__ void __launch_bounds__(kThreads) logprobs_forward_kernel(
     const T* __restrict__ logits, int64_t vocab, int64_t row_stride, const int64_t* __restrict__ labels,
-    int64_t ignore_index, float scale, float* __restrict__ logp, float* __restrict__ lse) {
+    int64_t ignore_index, float scale, float* __restrict__ logp, float* __restrict__ lse_parts) {
   const int64_t n = blockIdx.x;
   const T* row = logits + n * row_stride;
   MaxSum acc{-INFINITY, 0.f};
@@ -59,7 +59,8 @@ __global__ void __launch_bounds__(kThreads) logprobs_forward_kernel(
   acc = block_merge(acc);
   if (threadIdx.x == 0) {
     float log_s = logf(acc.s);
-    lse[n] = acc.m + log_s;
+    lse_parts[2 * n] = acc.m;
+    lse_parts[2 * n + 1] = log_s;
     int64_t y = labels[n];
     // (z_y - m) - log s: z_y - lse would carry the rounding of lse, one ulp of |lse|
     logp[n] = y == ignore_index ? 0.f
@@ -72,18 +73,19 @@ __global__ void __launch_bounds__(kThreads) logprobs_forward_kernel(
 template <class T>
 __global__ void __launch_bounds__(kThreads) logprobs_backward_kernel(
     const float* __restrict__ grad, const T* logits, int64_t vocab, int64_t row_stride,
-    const int64_t* __restrict__ labels, int64_t ignore_index, float scale, const float* __restrict__ lse,
-    T* out, int64_t out_stride, int64_t chunks_per_row) {
+    const int64_t* __restrict__ labels, int64_t ignore_index, float scale,
+    const float* __restrict__ lse_parts, T* out, int64_t out_stride, int64_t chunks_per_row) {
   const int64_t n = blockIdx.x / chunks_per_row;
   const int64_t v0 = (blockIdx.x % chunks_per_row) * kBackwardChunk;
   const int64_t v1 = min(vocab, v0 + kBackwardChunk);
   const int64_t y = labels[n];
   const float gs = y == ignore_index ? 0.f : grad[n] * scale;
-  const float l = lse[n];
+  const float m = lse_parts[2 * n], log_s = lse_parts[2 * n + 1];
   const T* row = logits + n * row_stride;
   T* orow = out + n * out_stride;
   for (int64_t v = v0 + threadIdx.x; v < v1; v += kThreads) {
-    float p = gs == 0.f ? 0.f : __expf(to_float(row[v]) * scale - l);
+    // z rounded as in the forward's max and sum (no FMA), then (z - m) - log s: exact to p's own rounding
+    float p = gs == 0.f ? 0.f : __expf((__fmul_rn(to_float(row[v]), scale) - m) - log_s);
     orow[v] = from_float<T>(gs * ((v == y ? 1.f : 0.f) - p));
   }
 }
@@ -94,19 +96,19 @@ const char* status(cudaError_t err) { return err == cudaSuccess ? nullptr : cuda
 
 const char* logprobs_forward(const void* logits, int dtype, int64_t n_rows, int64_t vocab,
                              int64_t row_stride, const int64_t* labels, int64_t ignore_index,
-                             float inv_temperature, float* logp, float* lse, uintptr_t stream) {
+                             float inv_temperature, float* logp, float* lse_parts, uintptr_t stream) {
   if (n_rows == 0) return nullptr;
   auto s = reinterpret_cast<cudaStream_t>(stream);
   PREFKERN_DISPATCH_DTYPE(dtype, T,
       logprobs_forward_kernel<T><<<static_cast<unsigned>(n_rows), kThreads, 0, s>>>(
           static_cast<const T*>(logits), vocab, row_stride, labels, ignore_index, inv_temperature,
-          logp, lse));
+          logp, lse_parts));
   return status(cudaGetLastError());
 }
 
 const char* logprobs_backward(const float* grad, const void* logits, int dtype, int64_t n_rows,
                               int64_t vocab, int64_t row_stride, const int64_t* labels,
-                              int64_t ignore_index, float inv_temperature, const float* lse,
+                              int64_t ignore_index, float inv_temperature, const float* lse_parts,
                               void* grad_logits, int64_t grad_row_stride, uintptr_t stream) {
   if (n_rows == 0 || vocab == 0) return nullptr;
   auto s = reinterpret_cast<cudaStream_t>(stream);
@@ -116,7 +118,7 @@ const char* logprobs_backward(const float* grad, const void* logits, int dtype, 
   PREFKERN_DISPATCH_DTYPE(dtype, T,
       logprobs_backward_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
           grad, static_cast<const T*>(logits), vocab, row_stride, labels, ignore_index,
-          inv_temperature, lse, static_cast<T*>(grad_logits), grad_row_stride, chunks));
+          inv_temperature, lse_parts, static_cast<T*>(grad_logits), grad_row_stride, chunks));
   return status(cudaGetLastError());
 }
 

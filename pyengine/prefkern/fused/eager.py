@@ -48,7 +48,8 @@ def eager_gradients(
 
     Returns
     -------
-    token_logps : [R, T] fp32, detached (0 at ignored positions); lse : [R * T] fp32 (0 at ignored positions);
+    token_logps : [R, T] fp32, detached (0 at ignored positions); lse : [R * T, 2] fp32, each token's max and
+    log-sum of the scaled logits kept apart (:func:`..ops.logprobs.logprobs_rows`; 0 at ignored positions);
     grads : (d hidden, d weight [V, H], d bias [V]) in the inputs' dtypes, None where no gradient is wanted.
     """
     r, t, h = hidden.shape
@@ -65,7 +66,7 @@ def eager_gradients(
     dw = torch.zeros((v, h), dtype=torch.float32, device=dev) if need_dw else None
     db = torch.zeros((v,), dtype=torch.float32, device=dev) if need_db else None
     token_logps = torch.zeros((r, t), dtype=torch.float32, device=dev)
-    lse = torch.zeros((r, t), dtype=torch.float32, device=dev)
+    lse = torch.zeros((r, t, 2), dtype=torch.float32, device=dev)
     buf = torch.empty((unit_rows * chunk * t, v), dtype=torch.float32, device=dev)
     scratch = torch.empty_like(buf) if transform.softcap else None
     mask = labels != ignore_index
@@ -83,14 +84,15 @@ def eager_gradients(
         y = labels[rows].reshape(-1)[scored].contiguous()
         z = head.logits(x, buf[:nv])
         tok_scored = torch.empty(nv, dtype=torch.float32, device=dev)
-        lse_scored = torch.empty(nv, dtype=torch.float32, device=dev)
+        lse_scored = torch.empty((nv, 2), dtype=torch.float32, device=dev)
         logprobs_rows(z, y, ignore_index, transform.row_scale, backend, tok_scored, lse_scored)
         tok = torch.zeros(nr * t, dtype=torch.float32, device=dev).index_copy_(0, scored, tok_scored)
         leaf = tok.view(nr, t).requires_grad_()
         with torch.enable_grad():
             (g,) = torch.autograd.grad(objective.chunk_share(leaf, rows, s, e), leaf)
         token_logps[rows] = tok.view(nr, t)
-        lse[rows] = torch.zeros(nr * t, dtype=torch.float32, device=dev).index_copy_(0, scored, lse_scored).view(nr, t)
+        lse_rows = torch.zeros((nr * t, 2), dtype=torch.float32, device=dev).index_copy_(0, scored, lse_scored)
+        lse[rows] = lse_rows.view(nr, t, 2)
         z = logit_gradient(head, g.reshape(-1)[scored].contiguous(), z, y, lse_scored, ignore_index, backend, scratch)
         dz = head.grad_operand(z)
         if need_dx:
@@ -104,7 +106,7 @@ def eager_gradients(
 
     grads = (None if dx is None else dx.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
              None if db is None else db.to(bias.dtype))
-    return token_logps, lse.view(-1), grads
+    return token_logps, lse.view(-1, 2), grads
 
 
 class _EagerLoss(torch.autograd.Function):

@@ -63,12 +63,14 @@ def row_stats(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, row_scal
               ignore_index: int) -> torch.Tensor:
     """[k, 4] fp32 per-row statistics of the distribution ``softmax(row_scale * z)`` (0 on ignored rows):
     entropy, ``log sum_v p_v^2`` (WPO's weight), the sum of the scaled logits, and whether the label is the
-    argmax (1.0 / 0.0). Two chunk-sized temporaries; the row kernels do not fuse these yet."""
-    s = z * row_scale
-    p = torch.exp(s - lse.unsqueeze(-1))
+    argmax (1.0 / 0.0). ``lse`` [k, 2]: the row kernels' max and log-sum. Two chunk-sized temporaries; the row
+    kernels do not fuse these yet."""
+    m, log_s = lse[:, 0], lse[:, 1]
+    d = z * row_scale - m.unsqueeze(-1)
+    p = torch.exp(d - log_s.unsqueeze(-1))
     out = torch.stack([
-        lse - (p * s).sum(dim=-1),
-        torch.logsumexp(s.mul_(2.0), dim=-1) - 2.0 * lse,
+        log_s - (p * d).sum(dim=-1),
+        torch.logsumexp(d.mul_(2.0), dim=-1) - 2.0 * log_s,
         z.sum(dim=-1) * row_scale,
         (z.argmax(dim=-1) == labels).to(torch.float32),
     ], dim=-1)
@@ -89,12 +91,12 @@ def logit_gradient(head: LmHeadGemms, grad: torch.Tensor, z: torch.Tensor, label
 
 def chunked_forward(hidden, weight, bias, labels, ignore_index, backend, chunk_rows,
                     transform: LogitTransform = IDENTITY, with_stats: bool = False):
-    """``(logp [N], lse [N], stats [N, 4] or [0, 4])`` fp32, ``chunk_rows`` scored rows at a time through the
-    lm-head GEMM."""
+    """``(logp [N], lse [N, 2], stats [N, 4] or [0, 4])`` fp32, ``chunk_rows`` scored rows at a time through the
+    lm-head GEMM (``lse``: each row's max and log-sum, :func:`.logprobs.logprobs_rows`; 0 on unscored rows)."""
     n = hidden.shape[0]
     v = weight.shape[0]
     logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-    lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.zeros((n, 2), dtype=torch.float32, device=hidden.device)
     stats = torch.zeros((n if with_stats else 0, len(STATS)), dtype=torch.float32, device=hidden.device)
     rows = scored_rows(labels, ignore_index)
     m = n if rows is None else rows.numel()
@@ -107,7 +109,7 @@ def chunked_forward(hidden, weight, bias, labels, ignore_index, backend, chunk_r
         z = head.logits(_take(hidden, rows, s, e), buf.narrow(0, 0, e - s))
         y = _take(labels, rows, s, e)
         part_logp, part_lse = (logp.narrow(0, s, e - s), lse.narrow(0, s, e - s)) if rows is None else \
-            (logp.new_empty(e - s), lse.new_empty(e - s))
+            (logp.new_empty(e - s), lse.new_empty((e - s, 2)))
         logprobs_rows(z, y, ignore_index, transform.row_scale, backend, part_logp, part_lse)
         part_stats = row_stats(z, part_lse, y, transform.row_scale, ignore_index) if with_stats else None
         if rows is None:
@@ -159,7 +161,7 @@ def chunked_backward(grad, hidden, weight, bias, labels, lse, ignore_index, back
 
 
 def _tile_forward(hidden, weight, bias, labels, ignore_index):
-    """Triton tile forward on the scored rows only (scattered back; ignored rows give logp 0, lse 0)."""
+    """Triton tile forward on the scored rows only (scattered back; ignored rows give logp 0, lse parts 0)."""
     launch = triton_kernels("linear_logprobs").linear_lse_forward
     rows = scored_rows(labels, ignore_index)
     with device_of(hidden):
@@ -168,7 +170,7 @@ def _tile_forward(hidden, weight, bias, labels, ignore_index):
         logp_s, lse_s = launch(hidden.index_select(0, rows), weight, bias, labels[rows], ignore_index)
     n = hidden.shape[0]
     logp = hidden.new_zeros(n, dtype=torch.float32).index_copy_(0, rows, logp_s)
-    lse = hidden.new_zeros(n, dtype=torch.float32).index_copy_(0, rows, lse_s)
+    lse = hidden.new_zeros((n, 2), dtype=torch.float32).index_copy_(0, rows, lse_s)
     return logp, lse
 
 
@@ -186,9 +188,9 @@ def linear_logprobs_fwd(
     ignore_index: int, backend: str, chunk_rows: int, deterministic: bool,
     temperature: float, logit_scale: float, logit_softcap: float, with_stats: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Raw op: ``(logp [N], lse [N], stats [N, 4] or [0, 4])`` fp32 (``lse`` of the scaled logits;
-    ``logit_softcap`` 0 = off). ``backend``: auto, native, triton or cuda (torch row kernels on chunks when
-    ``auto`` finds neither)."""
+    """Raw op: ``(logp [N], lse [N, 2], stats [N, 4] or [0, 4])`` fp32 (``lse``: the max and the log-sum of the
+    scaled logits, kept apart for the backward; ``logit_softcap`` 0 = off). ``backend``: auto, native, triton or
+    cuda (torch row kernels on chunks when ``auto`` finds neither)."""
     backend = resolve_backend(backend, hidden.device, "linear_logprobs")
     if values_readable(labels):
         check_labels_in_range(labels, weight.shape[0], ignore_index)
@@ -203,7 +205,7 @@ def linear_logprobs_fwd(
 def _(hidden, weight, bias, labels, ignore_index, backend, chunk_rows, deterministic, temperature, logit_scale,
       logit_softcap, with_stats):
     n = hidden.shape[0]
-    return (hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32),
+    return (hidden.new_empty(n, dtype=torch.float32), hidden.new_empty((n, 2), dtype=torch.float32),
             hidden.new_empty((n if with_stats else 0, len(STATS)), dtype=torch.float32))
 
 
@@ -277,8 +279,10 @@ def reference_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: 
     if not with_stats:
         return logp, None
     with torch.no_grad():
-        lse = torch.logsumexp(scaled, dim=-1)
-        stats = row_stats(scaled.detach().clone(), lse, labels, 1.0, ignore_index).to(torch.float32)
+        m = scaled.amax(dim=-1)
+        log_s = torch.logsumexp(scaled - m.unsqueeze(-1), dim=-1)
+        stats = row_stats(scaled.detach(), torch.stack([m, log_s], dim=-1), labels, 1.0, ignore_index)
+        stats = stats.to(torch.float32)
     return logp, stats
 
 

@@ -24,8 +24,11 @@ def _torch_compute_dtype(logits: torch.Tensor) -> torch.dtype:
 @torch.library.custom_op("prefkern::logprobs_rows", mutates_args=("logp", "lse"))
 def logprobs_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, scale: float, backend: str,
                   logp: torch.Tensor, lse: torch.Tensor) -> None:
-    """Row kernel: ``logp[n] = log_softmax(scale * logits[n])[labels[n]]`` (0 where ignored) and the row's
-    log-sum-exp into ``lse``, both fp32 [N]. ``logits`` [N, V] has unit column stride; ``labels`` int64;
+    """Row kernel: ``logp[n] = log_softmax(scale * logits[n])[labels[n]]`` (0 where ignored) into ``logp`` [N] and
+    the row's log-sum-exp in two parts into ``lse`` [N, 2]: ``lse[n, 0] = m`` (the max of ``scale * logits[n]``)
+    and ``lse[n, 1] = log sum_v exp(scale * logits[n, v] - m)``, fp32 (fp64 for fp64 logits on the torch backend).
+    Their sum rounded to fp32 would be off by one ulp of ``|lse|``, and every softmax probability the backward
+    forms from it by as much, relatively. ``logits`` [N, V] has unit column stride; ``labels`` int64;
     ``backend`` is a concrete backend (``torch``, ``triton``, ``native`` or ``cuda``). Used by the logprobs op,
     the chunked ``linear_logprobs`` paths and the fused-loss engine."""
     n, v = logits.shape
@@ -40,7 +43,7 @@ def logprobs_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
         log_s = torch.log1p(e.sum(dim=-1))
         m = m.squeeze(-1)
         picked = z.gather(-1, labels.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1)
-        lse.copy_(m + log_s)
+        lse.copy_(torch.stack([m, log_s], dim=-1))
         logp.copy_(((picked - m) - log_s).masked_fill(ignored, 0.0))
         return
     with device_of(logits):
@@ -66,13 +69,15 @@ def _(logits, labels, ignore_index, scale, backend, logp, lse):
 def logprobs_rows_grad(grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                        ignore_index: int, scale: float, backend: str, out: torch.Tensor) -> None:
     """Row kernel of the backward: ``out[n] = grad[n] * scale * (onehot(labels[n]) - softmax(scale * logits[n]))``
-    (0 for ignored rows) from the forward's ``lse``. ``out`` [N, V] may be ``logits`` itself (in place, as the
-    chunked paths use it) or a new tensor in any float dtype."""
+    (0 for ignored rows), the softmax as ``exp((scale * logits - m) - log s)`` from the forward's ``lse`` [N, 2].
+    ``out`` [N, V] may be ``logits`` itself (in place, as the chunked paths use it) or a new tensor in any float
+    dtype."""
     n, v = logits.shape
     if backend == "torch":
         dtype = _torch_compute_dtype(logits)
         ignored = labels == ignore_index
-        p = torch.exp(logits.to(dtype) * scale - lse.to(dtype).unsqueeze(-1))
+        parts = lse.to(dtype)
+        p = torch.exp((logits.to(dtype) * scale - parts[:, :1]) - parts[:, 1:])
         g = (grad.to(dtype) * scale).masked_fill(ignored, 0.0).unsqueeze(-1)
         p.mul_(-g).scatter_add_(-1, labels.masked_fill(ignored, 0).unsqueeze(-1), g)
         out.copy_(p)
@@ -104,14 +109,14 @@ def _(grad, logits, labels, lse, ignore_index, scale, backend, out):
 def logprobs_fwd(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, temperature: float, backend: str
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Raw op: ``(logp [N], lse [N])`` in fp32 (fp64 for fp64 logits). ``logits`` [N, V] has unit column stride;
-    labels int64."""
+    """Raw op: ``(logp [N], lse [N, 2])`` in fp32 (fp64 for fp64 logits); ``lse`` holds the row max and the log of
+    the sum apart (:func:`logprobs_rows`). ``logits`` [N, V] has unit column stride; labels int64."""
     n, v = logits.shape
     chosen = resolve_backend(backend, logits.device, "logprobs")
     check_labels_in_range(labels, v, ignore_index, kernels_guard=chosen != "torch")
     dtype = _torch_compute_dtype(logits) if chosen == "torch" else torch.float32
     logp = torch.empty(n, dtype=dtype, device=logits.device)
-    lse = torch.empty(n, dtype=dtype, device=logits.device)
+    lse = torch.empty((n, 2), dtype=dtype, device=logits.device)
     logprobs_rows(logits, labels, ignore_index, 1.0 / temperature, chosen, logp, lse)
     return logp, lse
 
@@ -120,7 +125,7 @@ def logprobs_fwd(
 def _(logits, labels, ignore_index, temperature, backend):
     n = logits.shape[0]
     dtype = _torch_compute_dtype(logits)
-    return logits.new_empty(n, dtype=dtype), logits.new_empty(n, dtype=dtype)
+    return logits.new_empty(n, dtype=dtype), logits.new_empty((n, 2), dtype=dtype)
 
 
 @torch.library.custom_op("prefkern::logprobs_bwd", mutates_args=())
@@ -171,7 +176,8 @@ def logprobs(
 
     The forward reads each row once with an online log-sum-exp; the backward writes the gradient
     ``g[n] / T * (onehot(labels[n]) - softmax(logits[n] / T))`` in one pass from the saved
-    log-sum-exp. Rows whose label is ``ignore_index`` give 0 and receive a zero gradient.
+    log-sum-exp, its max and log-sum kept apart (the softmax keeps fp32 precision at any logit offset).
+    Rows whose label is ``ignore_index`` give 0 and receive a zero gradient.
 
     Parameters
     ----------
