@@ -60,7 +60,7 @@ def test_gpu_chunked_backward_gemms_run_in_the_input_dtype():
     with FakeTensorMode():
         hidden, weight, labels = fake_cuda_inputs()
         grad = torch.ones(hidden.shape[0], device="cuda")
-        lse = torch.zeros(hidden.shape[0], device="cuda")
+        lse = torch.zeros(hidden.shape[0], 2, device="cuda")
         with RecordTensors() as rec:
             dx, dw, _ = chunked_backward(grad, hidden, weight, None, labels, lse, -100, "triton", 5, True, True, False)
     assert dx.dtype == dw.dtype == torch.float32
