@@ -95,8 +95,8 @@ def _trl_utils() -> types.ModuleType:
 
         raise RuntimeError(
             f"TRL {trl.__version__} has no chunked log-prob function (trl.trainer.utils._ChunkedLogProbFunction, "
-            f"TRL >= {SEAM_MIN_VERSION}): for TRL <= 1.13 call prefkern.compat.liger.patch_trl() and set "
-            "DPOConfig(use_liger_loss=True)")
+            f"TRL >= {SEAM_MIN_VERSION}): for TRL <= 1.13 call prefkern.compat.liger.trl_patch.patch_trl() and set "
+            "DPOConfig(use_liger_kernel=True)")
     return utils
 
 
