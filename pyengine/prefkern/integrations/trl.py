@@ -273,20 +273,26 @@ def token_stats_torch(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional
     out = {k: torch.zeros(n, dtype=torch.float32, device=hidden.device) for k in _STATS_OUTPUTS}
     out["is_top1"] = torch.zeros(n, dtype=torch.bool, device=hidden.device)
     rows = max(1, chunk_bytes // (4 * v))
+    identity = transform == LogitTransform()
     with torch.no_grad():
         w = weight.detach()
+        b = None if bias is None else bias.detach()
         for s in range(0, n, rows):
             e = min(n, s + rows)
-            z = hidden[s:e].detach() @ w.t()
-            if bias is not None:
-                z = z + bias.detach()
-            z = transform.apply(z.float())
-            logp = torch.log_softmax(z, dim=-1)
-            p = logp.exp()
-            out["entropy"][s:e] = -(p * logp).sum(-1)
-            out["log_sum_sq_probs"][s:e] = torch.logsumexp(2 * logp, dim=-1)
-            out["mean_logits"][s:e] = z.mean(-1)
-            out["is_top1"][s:e] = z.argmax(-1) == targets[s:e]
+            x = hidden[s:e].detach()
+            z = (torch.addmm(b, x, w.t()) if b is not None else x @ w.t()).float()
+            if not identity:
+                z = transform.apply(z)
+            top, arg = z.max(dim=-1)
+            z.sub_(top.unsqueeze(-1))  # z - max: every exp below is <= 1
+            ez = torch.exp(z)
+            total = ez.sum(-1)
+            log_total = total.log()
+            # H = log s - sum_v e_v (z_v - m) / s;  log sum_v p_v^2 = log sum_v e_v^2 - 2 log s
+            out["entropy"][s:e] = log_total - torch.linalg.vecdot(ez, z) / total
+            out["log_sum_sq_probs"][s:e] = torch.linalg.vecdot(ez, ez).log() - 2 * log_total
+            out["mean_logits"][s:e] = z.mean(-1) + top
+            out["is_top1"][s:e] = arg == targets[s:e]
     return out
 
 
