@@ -22,9 +22,12 @@ pytest.importorskip("tokenizers")
 
 from prefkern.integrations import trl as pk_trl  # noqa: E402
 
-HAS_SEAM = pk_trl._version_tuple(trl.__version__) >= (1, 14)
-pytestmark = pytest.mark.skipif(not HAS_SEAM, reason=f"TRL {trl.__version__} < 1.14 has no chunked log-prob seam "
-                                                     "(see test_trl_patch.py)")
+TRL_VERSION = pk_trl._version_tuple(trl.__version__)
+FUSED_HEAD = TRL_VERSION >= (1, 15)  # add_fused_lm_head: every log-prob of every trainer goes through the seam
+pytestmark = pytest.mark.skipif(TRL_VERSION < (1, 14), reason=f"TRL {trl.__version__} < 1.14 has no chunked log-prob "
+                                                               "function (see test_trl_patch.py)")
+needs_fused_head = pytest.mark.skipif(not FUSED_HEAD, reason=f"TRL {trl.__version__}: the seam's fused-head form "
+                                                             "and PrefkernDPOTrainer need TRL >= 1.15")
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 WORDS = ("the a cat dog sat ran on under mat box red blue big small happy sad yes no one two three four "
@@ -193,6 +196,7 @@ def _needs(case):
         pytest.importorskip("peft")
 
 
+@needs_fused_head
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_seam_matches_trl(case, tmp_path):
     """use_prefkern_lm_head(): TRL's own losses and metrics on prefkern's log-probs and row statistics."""
@@ -200,6 +204,7 @@ def test_seam_matches_trl(case, tmp_path):
     assert_same_run(train("seam", tmp_path, case[1], case[2], **case[3]), trl_run(case, tmp_path))
 
 
+@needs_fused_head
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_trainer_matches_trl(case, tmp_path):
     """PrefkernDPOTrainer: the fused eager loss, TRL's metrics under TRL's names, the same parameters."""
@@ -221,6 +226,7 @@ def _trl_function():
     return utils._ChunkedLogProbFunction
 
 
+@needs_fused_head
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("scale,temperature", [(1.0, 1.0), (0.25, 0.7)])
 def test_chunked_logprobs_matches_trl_function(bias, scale, temperature):
@@ -280,6 +286,7 @@ def test_chunked_logprobs_zero3_route_recomputes_gradients(monkeypatch):
         torch.testing.assert_close(a, e)
 
 
+@needs_fused_head
 def test_softcap_detected_or_refused():
     """A soft-capped head: matches TRL's function when the core has logit_softcap, else refuses loudly."""
     g = torch.Generator().manual_seed(3)
@@ -313,6 +320,7 @@ def test_model_logit_transform_reads_configs():
 
 # ---- switching and construction errors ---------------------------------------------------------------------------
 
+@needs_fused_head
 def test_seam_switch_is_scoped_and_nests():
     import trl.trainer.utils as utils
 
@@ -335,6 +343,7 @@ def test_from_trl_maps_options(tmp_path):
     assert opts["loss_type"] == ["sigmoid", "sft"] and opts["loss_weights"] == [1.0, 0.3]
 
 
+@needs_fused_head
 def test_unroutable_options_raise_at_construction(tmp_path):
     with pytest.raises(NotImplementedError, match="padding_free"):
         pk_trl.PrefkernDPOTrainer(model=make_model("gpt2"), ref_model=make_model("gpt2"),
@@ -354,3 +363,25 @@ def test_importing_the_integration_does_not_import_trl():
             "print(m.SEAM_MIN_VERSION)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TRL_VERSION[:2] != (1, 14), reason="TRL 1.14's chunked path (use_liger_kernel=True)")
+def test_seam_trl_1_14_chunked_path(tmp_path):
+    """TRL 1.14: its chunked DPO path (use_liger_kernel=True, TRL's two-output function imported by the trainer
+    modules) on the seam matches the same path on TRL's function."""
+    def run(seam):
+        policy, ref = make_model("gpt2"), make_model("gpt2", seed=1)
+        kwargs = dict(model=policy, ref_model=ref, args=dpo_config(tmp_path, use_liger_kernel=True),
+                      train_dataset=make_dataset(), processing_class=make_tokenizer())
+        with warnings.catch_warnings(), (pk_trl.use_prefkern_lm_head() if seam else contextlib.nullcontext()):
+            warnings.simplefilter("ignore")
+            import trl.trainer.dpo_trainer as module
+
+            assert (module._ChunkedLogProbFunction is pk_trl.PrefkernChunkedLogProbEntropyFunction) == seam
+            trainer = trl.DPOTrainer(**kwargs)
+            trainer.train()
+        return ([h for h in trainer.state.log_history if "loss" in h],
+                {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
+
+    assert_same_run(run(True), run(False))

@@ -52,7 +52,7 @@ from ..ops.linear_logprobs import linear_logprobs
 
 __all__ = [
     "use_prefkern_lm_head", "enable_prefkern_lm_head", "disable_prefkern_lm_head", "prefkern_lm_head_enabled",
-    "chunked_logprobs", "PrefkernChunkedLogProbFunction", "LogitTransform", "model_logit_transform",
+    "chunked_logprobs", "PrefkernChunkedLogProbFunction", "PrefkernChunkedLogProbEntropyFunction", "LogitTransform", "model_logit_transform",
     "trl_loss_options", "from_trl", "PrefkernDPOTrainer", "trl_version", "SEAM_MIN_VERSION",
 ]
 
@@ -90,14 +90,23 @@ def _trl_utils() -> types.ModuleType:
         import trl.trainer.utils as utils
     except ImportError as e:  # pragma: no cover - exercised only without TRL
         raise ImportError("prefkern.integrations.trl needs TRL (pip install 'trl>=1.14')") from e
-    if not hasattr(utils, "_ChunkedLogProbFunction") or not hasattr(utils, "add_fused_lm_head"):
+    if getattr(utils, "_ChunkedLogProbFunction", None) is None:
         import trl
 
         raise RuntimeError(
             f"TRL {trl.__version__} has no chunked log-prob function (trl.trainer.utils._ChunkedLogProbFunction, "
-            f"TRL >= {SEAM_MIN_VERSION}): for TRL <= 1.13 call prefkern.compat.liger.trl_patch.patch_trl() and set "
-            "DPOConfig(use_liger_kernel=True)")
+            f"TRL >= {SEAM_MIN_VERSION}; 1.15+ needs Triton importable): for TRL <= 1.13 call "
+            "prefkern.compat.liger.trl_patch.patch_trl() and set DPOConfig(use_liger_kernel=True)")
     return utils
+
+
+def _fused_head_trl() -> bool:
+    """TRL >= 1.15: ``add_fused_lm_head`` and the five-output function (``outputs=``); TRL 1.14: two outputs
+    (log-probs, entropy), called by the trainers' chunked paths (``use_liger_kernel=True``)."""
+    utils = _trl_utils()
+    fn = utils._ChunkedLogProbFunction
+    original = _SAVED.get("fn", fn)
+    return hasattr(utils, "add_fused_lm_head") and "outputs" in _parameters(original.forward)
 
 
 # ---- core capabilities (issue #14 item 4) -------------------------------------------------------------------------
@@ -373,7 +382,8 @@ def chunked_logprobs(
 
 
 class PrefkernChunkedLogProbFunction:
-    """Stands in for ``trl.trainer.utils._ChunkedLogProbFunction``: ``apply`` is :func:`chunked_logprobs`."""
+    """Stands in for ``trl.trainer.utils._ChunkedLogProbFunction`` (TRL >= 1.15): ``apply`` is
+    :func:`chunked_logprobs`."""
 
     backend = "auto"
 
@@ -384,21 +394,47 @@ class PrefkernChunkedLogProbFunction:
                                 logit_scale, outputs, backend=cls.backend)
 
 
+class PrefkernChunkedLogProbEntropyFunction:
+    """Stands in for TRL 1.14's ``_ChunkedLogProbFunction``: ``apply`` returns ``(log_probs, entropy)``."""
+
+    backend = "auto"
+
+    @classmethod
+    def apply(cls, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+              logit_scale=1.0):
+        out = chunked_logprobs(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping,
+                               logit_scale, ("log_probs", "entropy"), backend=cls.backend)
+        return out[0], out[1]
+
+
 # ---- switching the seam -----------------------------------------------------------------------------------------
 
 _LOCK = threading.RLock()
 _DEPTH = [0]
 _SAVED: Dict[str, Any] = {}
+_REPLACEMENTS = (PrefkernChunkedLogProbFunction, PrefkernChunkedLogProbEntropyFunction)
 
 
 def _always_compact(device: torch.device) -> bool:
-    # TRL scores only the labelled positions on Triton devices; elsewhere it pushes every position through the head
-    # (fixed shapes for compilers like Neuron's). prefkern's kernels take any row count, so only scored rows go in.
+    # TRL 1.16 scores only the labelled positions on Triton devices; elsewhere it pushes every position through the
+    # head (fixed shapes for compilers like Neuron's). prefkern's kernels take any row count: only scored rows go in.
     return True
+
+
+def _holders(*held: Any) -> List[types.ModuleType]:
+    """Loaded ``trl`` modules that hold one of ``held`` under the function's name (TRL 1.14's trainers import it by
+    name; a trainer module first imported inside the context picks up the replacement)."""
+    return [m for name, m in list(sys.modules.items())
+            if m is not None and (name == "trl" or name.startswith("trl.")) and
+            any(vars(m).get("_ChunkedLogProbFunction") is h for h in held)]
 
 
 def enable_prefkern_lm_head() -> None:
     """Route TRL's chunked log-prob function to prefkern until :func:`disable_prefkern_lm_head` (nestable).
+
+    TRL >= 1.15: every trainer built on ``add_fused_lm_head`` (``DPOTrainer``, ``KTOTrainer``, ``SFTTrainer``,
+    ``GRPOTrainer``...). TRL 1.14: the trainers' chunked paths (``DPOConfig(use_liger_kernel=True)``; its default DPO
+    path materialises the logits and is not reached).
 
     Raises
     ------
@@ -408,8 +444,12 @@ def enable_prefkern_lm_head() -> None:
     utils = _trl_utils()
     with _LOCK:
         if _DEPTH[0] == 0:
-            _SAVED["fn"] = utils._ChunkedLogProbFunction
-            utils._ChunkedLogProbFunction = PrefkernChunkedLogProbFunction
+            original = utils._ChunkedLogProbFunction
+            replacement = (PrefkernChunkedLogProbFunction if "outputs" in _parameters(original.forward)
+                           else PrefkernChunkedLogProbEntropyFunction)
+            _SAVED["fn"] = original
+            for module in _holders(original):
+                module._ChunkedLogProbFunction = replacement
             if hasattr(utils, "_use_triton"):
                 _SAVED["compact"] = utils._use_triton
                 utils._use_triton = _always_compact
@@ -424,7 +464,9 @@ def disable_prefkern_lm_head() -> None:
             return
         _DEPTH[0] -= 1
         if _DEPTH[0] == 0:
-            utils._ChunkedLogProbFunction = _SAVED.pop("fn")
+            original = _SAVED.pop("fn")
+            for module in _holders(*_REPLACEMENTS):
+                module._ChunkedLogProbFunction = original
             if "compact" in _SAVED:
                 utils._use_triton = _SAVED.pop("compact")
 
@@ -433,20 +475,21 @@ def prefkern_lm_head_enabled() -> bool:
     """Whether TRL's chunked log-prob function is prefkern's now."""
     if "trl.trainer.utils" not in sys.modules:
         return False
-    return getattr(sys.modules["trl.trainer.utils"], "_ChunkedLogProbFunction", None) is PrefkernChunkedLogProbFunction
+    return getattr(sys.modules["trl.trainer.utils"], "_ChunkedLogProbFunction", None) in _REPLACEMENTS
 
 
 @contextlib.contextmanager
 def use_prefkern_lm_head() -> Iterator[None]:
     """Context manager: TRL (>= 1.14) computes its log-probs, entropies and logits metrics with prefkern inside.
 
-    Every trainer built on TRL's fused lm-head (``DPOTrainer``, ``KTOTrainer``, ``SFTTrainer``...) is affected; its
-    losses, options and logged metrics are TRL's own. One exception: a loss that differentiates the entropy
-    (GRPO's entropy bonus) raises, as prefkern gives the entropy without a gradient.
+    Every trainer that computes its log-probs through TRL's chunked function is affected (see
+    :func:`enable_prefkern_lm_head`); its losses, options and logged metrics are TRL's own. One exception: a loss that
+    differentiates the entropy (GRPO's entropy bonus) raises, as prefkern gives the entropy without a gradient.
 
     Examples
     --------
     >>> with use_prefkern_lm_head():  # doctest: +SKIP
+    ...     trainer = DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=ds)
     ...     trainer.train()
     """
     enable_prefkern_lm_head()
@@ -595,6 +638,13 @@ def _install_hidden_forward(model: Any) -> None:
 
 def _trainer_class():
     from trl import DPOTrainer
+
+    if not _fused_head_trl():
+        import trl
+
+        raise RuntimeError(f"PrefkernDPOTrainer needs TRL >= 1.15 (add_fused_lm_head), found {trl.__version__}: "
+                           "with TRL 1.14 use DPOConfig(use_liger_kernel=True) inside use_prefkern_lm_head(); with "
+                           "TRL <= 1.13, prefkern.compat.liger.trl_patch.patch_trl()")
 
     trainer_module = sys.modules[DPOTrainer.__module__]
     utils = _trl_utils()
