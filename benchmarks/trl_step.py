@@ -1,7 +1,7 @@
 """One TRL ``DPOTrainer`` step (policy forward and backward, reference forward): TRL's default path next to each
 prefkern route, interleaved rounds, time and peak memory.
 
-    python -m benchmarks.trl_step [--vocab 32000] [--seq 256] [--pairs 4] [--rounds 5] [--train-steps 3]
+    python -m benchmarks.trl_step [--vocab 32000] [--seq 256] [--pairs 4] [--rounds 5] [--train-steps 3] [--lr 0.01]
 
 Routes (each from the same weights and batch):
 - ``trl``: ``DPOTrainer`` as installed (TRL >= 1.14: its chunked fused lm-head);
@@ -90,10 +90,10 @@ def route_context(route: str):
     return pk_trl.use_prefkern_lm_head() if route == "seam" else contextlib.nullcontext()
 
 
-def dpo_args(out: str, pairs: int, max_steps: int, **extra):
+def dpo_args(out: str, pairs: int, max_steps: int, lr: float = 0.01, **extra):
     import trl
 
-    return trl.DPOConfig(output_dir=out, per_device_train_batch_size=pairs, max_steps=max_steps, learning_rate=0.1,
+    return trl.DPOConfig(output_dir=out, per_device_train_batch_size=pairs, max_steps=max_steps, learning_rate=lr,
                          optim="sgd", lr_scheduler_type="constant", logging_steps=1, report_to=[], use_cpu=True,
                          bf16=False, seed=0, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
                          max_grad_norm=0.0, max_length=None, **extra)
@@ -107,6 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--routes", default=",".join(ROUTES))
     p.add_argument("--train-steps", type=int, default=0)
+    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of --train-steps")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
     reexec_with_fixed_mmap_threshold("benchmarks.trl_step", list(sys.argv[1:] if argv is None else argv))
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
         logs: Dict[str, list] = {}
         for route in routes:
             with route_context(route):
-                trainer = make_trainer(route, dpo_args(out, args.pairs, args.train_steps), tokenizer, args.vocab,
+                trainer = make_trainer(route, dpo_args(out, args.pairs, args.train_steps, args.lr), tokenizer, args.vocab,
                                        args.seq, args.pairs)
                 trainer.train()
             logs[route] = [h for h in trainer.state.log_history if "loss" in h]

@@ -181,6 +181,8 @@ CASES = [
     ("precompute", "gpt2", False, {"precompute_ref_log_probs": True}),
     ("grad_accum", "llama", False, {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}),
     ("lora", "llama", True, {}),
+    ("js_divergence", "gpt2", False, {"f_divergence_type": "js_divergence"}),
+    ("aot", "llama", False, {"loss_type": ["aot"]}),  # sorts across the batch: the trainer streams
 ]
 _TRL_RUNS = {}
 
@@ -316,6 +318,44 @@ def test_model_logit_transform_reads_configs():
     assert pk_trl.model_logit_transform(M(logit_scale=0.5)).scale == 0.5
     assert pk_trl.model_logit_transform(M(final_logit_softcapping=30.0)).softcap == 30.0
     assert pk_trl.model_logit_transform(M(logits_scaling=4.0)).scale == 0.25
+
+
+@needs_fused_head
+def test_chunked_logprobs_autocast_and_mixed_head_match_trl():
+    """Under bf16 autocast both compute in bf16; bf16 hidden states with an fp32 head compute in bf16 (TRL's rule:
+    the hidden states' dtype outside autocast). prefkern's error against an fp64 reference stays within twice
+    TRL's."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(29, 32, generator=g)
+    w = torch.randn(57, 32, generator=g) * 0.2
+    y = torch.randint(0, 57, (29,), generator=g)
+    exact = torch.log_softmax(x.double() @ w.double().t(), -1).gather(-1, y[:, None]).squeeze(-1)
+    for hidden, ctx in ((x, torch.autocast("cpu", dtype=torch.bfloat16)), (x.bfloat16(), contextlib.nullcontext())):
+        with ctx:
+            want = _trl_function().apply(hidden, w, None, y, 1.0, 32, None, 1.0, ("log_probs",))[0]
+            got = pk_trl.chunked_logprobs(hidden, w, None, y, outputs=("log_probs",))[0]
+        assert got.dtype == want.dtype == torch.float32
+        err_trl = (want.double() - exact).abs().max().item()
+        err_pk = (got.double() - exact).abs().max().item()
+        assert err_pk <= 2 * err_trl + 1e-6, (err_pk, err_trl)
+
+
+@needs_fused_head
+def test_trainer_evaluate_matches_trl(tmp_path):
+    """evaluate(): the fused loss without gradient (stream), metrics under TRL's eval_ names."""
+    results = []
+    for cls in (trl.DPOTrainer, pk_trl.PrefkernDPOTrainer):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = cls(model=make_model("llama"), ref_model=make_model("llama", seed=1), args=dpo_config(tmp_path),
+                          train_dataset=make_dataset(), eval_dataset=make_dataset(6, seed=5),
+                          processing_class=make_tokenizer())
+            results.append(trainer.evaluate())
+    want, got = results
+    keys = [k for k in want if k.startswith("eval_") and k.split("eval_", 1)[1] in METRICS]
+    assert "eval_loss" in keys and "eval_entropy" in keys
+    for k in keys:
+        assert math.isclose(got[k], want[k], rel_tol=RTOL, abs_tol=ATOL), (k, got[k], want[k])
 
 
 # ---- switching and construction errors ---------------------------------------------------------------------------
