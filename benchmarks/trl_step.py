@@ -133,8 +133,8 @@ def main(argv=None) -> int:
         logs: Dict[str, list] = {}
         for route in routes:
             with route_context(route):
-                trainer = make_trainer(route, dpo_args(out, args.pairs, args.train_steps, args.lr), tokenizer, args.vocab,
-                                       args.seq, args.pairs)
+                config = dpo_args(out, args.pairs, args.train_steps, args.lr)
+                trainer = make_trainer(route, config, tokenizer, args.vocab, args.seq, args.pairs)
                 trainer.train()
             logs[route] = [h for h in trainer.state.log_history if "loss" in h]
         print("\nlogged by trainer.train() (loss, rewards/margins, logps/chosen, entropy) per step:")

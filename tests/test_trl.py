@@ -69,9 +69,10 @@ def make_model(kind: str, seed: int = 0):
 
     vocab = len(WORDS) + 3
     torch.manual_seed(seed)
-    if kind == "gpt2":  # tied head
+    if kind in ("gpt2", "gpt2-scaled"):  # tied head; "-scaled": a Cohere-style logit_scale that TRL's head applies
+        extra = {"logit_scale": 0.5} if kind == "gpt2-scaled" else {}
         cfg = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=1,
-                         eos_token_id=1, pad_token_id=0)
+                         eos_token_id=1, pad_token_id=0, **extra)
         return GPT2LMHeadModel(cfg)
     if kind == "llama":  # untied head
         cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -183,6 +184,7 @@ CASES = [
     ("lora", "llama", True, {}),
     ("js_divergence", "gpt2", False, {"f_divergence_type": "js_divergence"}),
     ("aot", "llama", False, {"loss_type": ["aot"]}),  # sorts across the batch: the trainer streams
+    ("logit_scale", "gpt2-scaled", False, {}),
 ]
 _TRL_RUNS = {}
 
@@ -356,6 +358,48 @@ def test_trainer_evaluate_matches_trl(tmp_path):
     assert "eval_loss" in keys and "eval_entropy" in keys
     for k in keys:
         assert math.isclose(got[k], want[k], rel_tol=RTOL, abs_tol=ATOL), (k, got[k], want[k])
+
+
+class _FakeStats:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _fake_core_linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, shift=0, mode="auto",
+                               backend="auto", chunk_rows=None, deterministic=True, temperature=1.0, logit_scale=1.0,
+                               logit_softcap=None, return_stats=False):
+    """The core API issue #14 item 4 asks for, on materialised logits: what the seam's native branch reads."""
+    z = hidden.float() @ weight.float().t() + (0 if bias is None else bias.float())
+    z = pk_trl.LogitTransform(temperature, logit_scale, logit_softcap).apply(z)
+    logp_all = torch.log_softmax(z, -1)
+    logp = logp_all.gather(-1, labels[..., None]).squeeze(-1)
+    if not return_stats:
+        return logp
+    p = logp_all.exp()
+    with torch.no_grad():
+        stats = _FakeStats(entropy=-(p * logp_all).sum(-1), log_sum_p2=torch.logsumexp(2 * logp_all, -1),
+                           logit_sum=z.sum(-1), top1=(z.argmax(-1) == labels).float())
+    return logp, stats
+
+
+@needs_fused_head
+def test_seam_native_branch_with_the_requested_core_api(monkeypatch):
+    """With linear_logprobs(temperature=, logit_scale=, logit_softcap=, return_stats=) in the core, the seam reads
+    TokenStats(entropy, log_sum_p2, logit_sum, top1) and passes the transform: TRL's outputs, soft cap included."""
+    monkeypatch.setattr(pk_trl, "linear_logprobs", _fake_core_linear_logprobs)
+    assert pk_trl.core_has_stats() and pk_trl.core_has_logit_transform()
+    g = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(23, 16, generator=g), torch.randn(41, 16, generator=g), torch.randn(41, generator=g)
+    y = torch.randint(0, 41, (23,), generator=g)
+    y[:4] = (x[:4] @ w.t() + b).argmax(-1)
+    for cap in (None, 3.0):
+        want = _trl_function().apply(x, w, b, y, 0.9, 32, cap, 1.5, pk_trl.OUTPUTS)
+        got = pk_trl.chunked_logprobs(x, w, b, y, 0.9, 32, cap, 1.5)
+        for a, e in zip(got, want):
+            if e.dtype == torch.bool:
+                assert torch.equal(a, e)
+            else:
+                torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
 # ---- switching and construction errors ---------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Hugging Face TRL on prefkern: ``DPOTrainer`` with prefkern's lm-head kernels, in one line.
 
-Two routes for TRL >= 1.14 (TRL <= 1.13: :func:`prefkern.compat.liger.trl_patch.patch_trl`):
+Supported TRL versions: the seam (1) for TRL >= 1.14, :class:`PrefkernDPOTrainer` (2) for TRL >= 1.15 (tested on
+1.14.0, 1.15 by source, 1.16.0); TRL 1.0 - 1.13: :func:`prefkern.compat.liger.trl_patch.patch_trl`.
 
-1. **The log-prob seam** (:func:`use_prefkern_lm_head`). TRL >= 1.14 computes every per-token log-prob of its
+1. **The log-prob seam** (:func:`use_prefkern_lm_head`). TRL >= 1.15 computes every per-token log-prob of its
    trainers through one chunked function (``trl.trainer.utils._ChunkedLogProbFunction``, called by the forward that
    ``add_fused_lm_head`` installs, reached with ``model(..., fused_lm_head=True)``). The seam swaps it for
    :func:`chunked_logprobs`, built on :func:`prefkern.linear_logprobs`, with the same arguments and outputs (token
@@ -15,7 +16,10 @@ Two routes for TRL >= 1.14 (TRL <= 1.13: :func:`prefkern.compat.liger.trl_patch.
            trainer = DPOTrainer(model=model, ref_model=ref, args=dpo_config, ...)  # precomputes here
            trainer.train()
 
-   (``enable_prefkern_lm_head()`` switches it on for the rest of the process.)
+   (``enable_prefkern_lm_head()`` switches it on for the rest of the process.) TRL 1.14 has an older two-output
+   form of the function, imported by its trainer modules and used by their chunked paths
+   (``DPOConfig(use_liger_kernel=True)``); the seam serves it too, but 1.14's default DPO path materialises the
+   logits and never calls it.
 
 2. **PrefkernDPOTrainer**: a ``DPOTrainer`` whose policy loss runs through
    :class:`prefkern.FusedLinearPreferenceLoss` (eager: 3 GEMM units, the gradient taken inside forward, logits never
@@ -38,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import sys
 import threading
 import types
@@ -52,7 +55,9 @@ from ..ops.linear_logprobs import linear_logprobs
 
 __all__ = [
     "use_prefkern_lm_head", "enable_prefkern_lm_head", "disable_prefkern_lm_head", "prefkern_lm_head_enabled",
-    "chunked_logprobs", "PrefkernChunkedLogProbFunction", "PrefkernChunkedLogProbEntropyFunction", "LogitTransform", "model_logit_transform",
+    "chunked_logprobs", "PrefkernChunkedLogProbFunction", "PrefkernChunkedLogProbEntropyFunction", "LogitTransform",
+    "model_logit_transform", "token_stats_torch", "core_has_logit_transform", "core_has_stats",
+    "core_loss_has_logit_transform",
     "trl_loss_options", "from_trl", "PrefkernDPOTrainer", "trl_version", "SEAM_MIN_VERSION",
 ]
 
