@@ -74,6 +74,10 @@ def test_patched_liger_route_matches_trl_default(case, tmp_path):
     patch_trl(liger_layers=False)  # Liger's layer kernels need a Triton device; the loss is what prefkern replaces
     try:
         got = _train(tmp_path, True, case[1], case[2], **case[3])
+    except NotImplementedError as e:
+        if case[2] and "PEFT" in str(e):
+            pytest.skip(f"TRL {trl.__version__} refuses its Liger route with PEFT itself: {e}")
+        raise
     finally:
         unpatch_trl()
     assert not trl_patched()
