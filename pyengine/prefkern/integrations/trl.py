@@ -58,7 +58,7 @@ __all__ = [
     "chunked_logprobs", "PrefkernChunkedLogProbFunction", "PrefkernChunkedLogProbEntropyFunction", "LogitTransform",
     "model_logit_transform", "token_stats_torch", "core_has_logit_transform", "core_has_stats",
     "core_loss_has_logit_transform",
-    "trl_loss_options", "from_trl", "PrefkernDPOTrainer", "trl_version", "SEAM_MIN_VERSION",
+    "trl_loss_options", "from_trl", "PrefkernDPOTrainer", "trl_version", "SEAM_MIN_VERSION",  # noqa: F822 (lazy)
 ]
 
 #: first TRL release whose trainers compute log-probs through ``trl.trainer.utils._ChunkedLogProbFunction``
