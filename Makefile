@@ -24,6 +24,8 @@ $(DEPS):
 	$(PIP) install --quiet "scikit-build-core>=0.10" "nanobind>=2.4" numpy pytest hypothesis matplotlib transformers
 	# optional peer for the Liger-compatibility tests and the benchmark baseline (its deps are torch + triton)
 	$(PIP) install --quiet --no-deps "liger-kernel==0.8.5"
+	# optional peers for the TRL integration tests (prefkern.integrations.trl, compat.liger.patch_trl)
+	$(PIP) install --quiet "trl==1.16.0" "accelerate==1.15.0" "datasets==5.2.0" "peft==0.21.2"
 	touch $@
 
 build: $(BUILT)
