@@ -78,7 +78,8 @@ def _logprobs_backward_kernel(
     else:
         x = tl.load(logits_ptr + row * stride_logits_n + offs, mask=offs < V, other=0.0)
     p = tl.exp((x.to(tl.float32) * scale - m) - log_s)
-    d = gs * (tl.where(offs == y, 1.0, 0.0) - p)
+    # an ignored row's gradient is exactly 0, whatever its logits hold (0 * NaN would be NaN)
+    d = tl.where(y == ignore_index, 0.0, gs * (tl.where(offs == y, 1.0, 0.0) - p))
     out = grad_logits_ptr + row * stride_grad_logits_n + offs
     if EVEN_V:
         tl.store(out, d.to(grad_logits_ptr.dtype.element_ty))

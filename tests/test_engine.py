@@ -331,3 +331,52 @@ def test_absurd_ignore_index_is_named(value):
         prefkern.FusedLinearPreferenceLoss("simpo", ignore_index=value)
     with pytest.raises(ValueError, match="ignore_index"):
         LigerFusedLinearSimPOLoss(ignore_index=value)
+
+
+@pytest.mark.parametrize("backend", ["native", "triton", "torch"])
+def test_nan_at_an_ignored_position_reaches_no_value_or_gradient(backend):
+    """DESIGN.md: masked positions contribute exactly zero. A NaN logit / hidden state at an ignored position
+    leaves every value and gradient equal to the run without it (logprobs and linear_logprobs, every backend)."""
+    from prefkern.dispatch import backend_status
+
+    if not backend_status(backend, torch.device("cpu"))[0]:
+        pytest.skip(f"{backend} not available")
+    labels = torch.tensor([0, -100, 3, -100])
+    results = []
+    for poison in (False, True):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+        h = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+        w = torch.randn(6, 5, generator=torch.Generator().manual_seed(2))
+        if poison:
+            x[1, 2] = float("nan")
+            h[3, 0] = float("nan")
+        x.requires_grad_()
+        h.requires_grad_()
+        w.requires_grad_()
+        a = prefkern.logprobs(x, labels, backend=backend)
+        b = prefkern.linear_logprobs(h, w, labels, backend=backend)
+        (a.sum() + b.sum()).backward()
+        results.append([a.detach(), b.detach(), x.grad, h.grad, w.grad])
+    for clean, poisoned in zip(*results):
+        assert torch.isfinite(poisoned).all()
+        torch.testing.assert_close(poisoned, clean)
+
+
+def test_nan_at_an_ignored_position_under_tracing_paths(monkeypatch):
+    """When rows cannot be selected (tracing, graph capture) every row goes through the chunks: an ignored row's
+    NaN hidden state still reaches neither dX nor dW."""
+    labels = torch.tensor([0, -100, 3])
+    h = torch.randn(3, 5)
+    w = torch.randn(6, 5)
+    h_nan = h.clone()
+    h_nan[1, 0] = float("nan")
+    _, lse, _ = chunked_forward(h, w, None, labels, -100, "native", 2)
+    grad = torch.ones(3)
+    import prefkern.ops.linear_logprobs as ll
+
+    clean = chunked_backward(grad, h, w, None, labels, lse, -100, "native", 2, True, True, False)
+    monkeypatch.setattr(ll, "scored_rows", lambda labels, ignore_index: None)  # as when values cannot be read
+    poisoned = chunked_backward(grad, h_nan, w, None, labels, lse, -100, "native", 2, True, True, False)
+    for a, b in zip(clean[:2], poisoned[:2]):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b)

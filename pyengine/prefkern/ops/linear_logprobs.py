@@ -144,6 +144,8 @@ def chunked_backward(grad, hidden, weight, bias, labels, lse, ignore_index, back
     for s in range(0, m, chunk_rows):
         e = min(m, s + chunk_rows)
         x = _take(hidden, rows, s, e)
+        if rows is None:  # every row goes through: an ignored row's hidden state (NaN or not) must not reach dW
+            x = torch.where((_take(labels, rows, s, e) != ignore_index).unsqueeze(-1), x, 0)
         z = head.logits(x, buf.narrow(0, 0, e - s))
         z = logit_gradient(head, _take(grad, rows, s, e).contiguous(), z, _take(labels, rows, s, e),
                            _take(lse, rows, s, e).contiguous(), ignore_index, backend, scratch)
@@ -271,7 +273,7 @@ def reference_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: 
     if values_readable(labels):
         check_labels_in_range(labels, weight.shape[0], ignore_index)
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logits = hidden.to(dtype) @ weight.to(dtype).t()
+    logits = torch.where((labels != ignore_index).unsqueeze(-1), hidden.to(dtype), 0.0) @ weight.to(dtype).t()
     if bias is not None:
         logits = logits + bias.to(dtype)
     scaled = transform.materialised(logits)

@@ -80,7 +80,7 @@ def logprobs_rows_grad(grad: torch.Tensor, logits: torch.Tensor, labels: torch.T
         p = torch.exp((logits.to(dtype) * scale - parts[:, :1]) - parts[:, 1:])
         g = (grad.to(dtype) * scale).masked_fill(ignored, 0.0).unsqueeze(-1)
         p.mul_(-g).scatter_add_(-1, labels.masked_fill(ignored, 0).unsqueeze(-1), g)
-        out.copy_(p)
+        out.copy_(p.masked_fill_(ignored.unsqueeze(-1), 0.0))  # exactly 0 for an ignored row, NaN logits or not
         return
     with device_of(logits):
         if backend == "triton":
