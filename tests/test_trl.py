@@ -292,14 +292,10 @@ def test_chunked_logprobs_zero3_route_recomputes_gradients(monkeypatch):
 
 @needs_fused_head
 def test_softcap_detected_or_refused():
-    """A soft-capped head: matches TRL's function when the core has logit_softcap, else refuses loudly."""
+    """A soft-capped head (Gemma 2) with a logit scale and a temperature: TRL's function's outputs."""
     g = torch.Generator().manual_seed(3)
     x, w = torch.randn(7, 8, generator=g), torch.randn(19, 8, generator=g)
     y = torch.randint(0, 19, (7,), generator=g)
-    if not pk_trl.core_has_logit_transform():
-        with pytest.raises(NotImplementedError, match="issue #14 item 4"):
-            pk_trl.chunked_logprobs(x, w, None, y, 1.0, 32, 5.0, 1.0)
-        pytest.skip("logit_softcap waits on the prefkern core (issue #14 item 4)")
     want = _trl_function().apply(x, w, None, y, 0.8, 32, 5.0, 2.0, pk_trl.OUTPUTS)
     got = pk_trl.chunked_logprobs(x, w, None, y, 0.8, 32, 5.0, 2.0)
     for a, e in zip(got, want):
@@ -360,34 +356,10 @@ def test_trainer_evaluate_matches_trl(tmp_path):
         assert math.isclose(got[k], want[k], rel_tol=RTOL, abs_tol=ATOL), (k, got[k], want[k])
 
 
-class _FakeStats:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
-def _fake_core_linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, shift=0, mode="auto",
-                               backend="auto", chunk_rows=None, deterministic=True, temperature=1.0, logit_scale=1.0,
-                               logit_softcap=None, return_stats=False):
-    """The core API issue #14 item 4 asks for, on materialised logits: what the seam's native branch reads."""
-    z = hidden.float() @ weight.float().t() + (0 if bias is None else bias.float())
-    z = pk_trl.LogitTransform(temperature, logit_scale, logit_softcap).apply(z)
-    logp_all = torch.log_softmax(z, -1)
-    logp = logp_all.gather(-1, labels[..., None]).squeeze(-1)
-    if not return_stats:
-        return logp
-    p = logp_all.exp()
-    with torch.no_grad():
-        stats = _FakeStats(entropy=-(p * logp_all).sum(-1), log_sum_p2=torch.logsumexp(2 * logp_all, -1),
-                           logit_sum=z.sum(-1), top1=(z.argmax(-1) == labels).float())
-    return logp, stats
-
-
 @needs_fused_head
-def test_seam_native_branch_with_the_requested_core_api(monkeypatch):
-    """With linear_logprobs(temperature=, logit_scale=, logit_softcap=, return_stats=) in the core, the seam reads
-    TokenStats(entropy, log_sum_p2, logit_sum, top1) and passes the transform: TRL's outputs, soft cap included."""
-    monkeypatch.setattr(pk_trl, "linear_logprobs", _fake_core_linear_logprobs)
-    assert pk_trl.core_has_stats() and pk_trl.core_has_logit_transform()
+def test_seam_outputs_with_bias_scale_cap_and_argmax_labels():
+    """Every output of TRL's function, with a bias, a logit scale, a temperature, with and without a soft-cap, and
+    labels that are the argmax (top-1 agreement) for some rows."""
     g = torch.Generator().manual_seed(5)
     x, w, b = torch.randn(23, 16, generator=g), torch.randn(41, 16, generator=g), torch.randn(41, generator=g)
     y = torch.randint(0, 41, (23,), generator=g)

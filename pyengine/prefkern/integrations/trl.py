@@ -32,10 +32,9 @@ Supported TRL versions: the seam (1) for TRL >= 1.14, :class:`PrefkernDPOTrainer
 
 TRL is imported lazily: importing this module does not import ``trl``; the prefkern core never imports it.
 
-Core capabilities this module detects (prefkern issue #14 item 4) and what it does until they exist:
-``linear_logprobs(..., temperature=, logit_scale=, logit_softcap=, return_stats=)``: without them temperature and
-logit scale fold into the hidden states (exact, one ``[N, H]`` copy), a soft-capped head raises, and the row
-statistics come from a chunked torch pass without gradient (one more matmul unit).
+The head's temperature, logit scale and soft-cap go to :func:`prefkern.linear_logprobs` /
+:class:`prefkern.FusedLinearPreferenceLoss` as they are; TRL's row quantities (entropy, ``log sum p^2``, mean
+logits, top-1) come from the same pass over each chunk (``return_stats=True``).
 """
 
 from __future__ import annotations
@@ -45,19 +44,18 @@ import inspect
 import sys
 import threading
 import types
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..fused_loss import FusedLinearPreferenceLoss
 from ..ops.linear_logprobs import linear_logprobs
+from ..ops.lm_head_gemm import LogitTransform
 
 __all__ = [
     "use_prefkern_lm_head", "enable_prefkern_lm_head", "disable_prefkern_lm_head", "prefkern_lm_head_enabled",
     "chunked_logprobs", "PrefkernChunkedLogProbFunction", "PrefkernChunkedLogProbEntropyFunction", "LogitTransform",
-    "model_logit_transform", "token_stats_torch", "core_has_logit_transform", "core_has_stats",
-    "core_loss_has_logit_transform",
+    "model_logit_transform",
     "trl_loss_options", "from_trl", "PrefkernDPOTrainer", "trl_version", "SEAM_MIN_VERSION",  # noqa: F822 (lazy)
 ]
 
@@ -65,7 +63,6 @@ __all__ = [
 SEAM_MIN_VERSION = "1.14"
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _STATS_OUTPUTS = OUTPUTS[1:]
-_STATS_CHUNK_BYTES = 32 << 20  # fp32 logits of one chunk of the fallback statistics pass
 
 
 # ---- TRL discovery ------------------------------------------------------------------------------------------------
@@ -120,43 +117,7 @@ def _parameters(fn: Callable) -> frozenset:
     return frozenset(inspect.signature(fn).parameters)
 
 
-def core_has_logit_transform() -> bool:
-    """Whether :func:`prefkern.linear_logprobs` takes ``temperature``, ``logit_scale`` and ``logit_softcap``."""
-    return {"temperature", "logit_scale", "logit_softcap"} <= _parameters(linear_logprobs)
-
-
-def core_has_stats() -> bool:
-    """Whether :func:`prefkern.linear_logprobs` returns per-token statistics (``return_stats=True``)."""
-    return "return_stats" in _parameters(linear_logprobs)
-
-
-def core_loss_has_logit_transform() -> bool:
-    """Whether :class:`prefkern.FusedLinearPreferenceLoss` takes ``temperature``/``logit_scale``/``logit_softcap``."""
-    return {"logit_scale", "logit_softcap"} <= _parameters(FusedLinearPreferenceLoss.__init__)
-
-
 # ---- the logit transform of a head -------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class LogitTransform:
-    """The logits the softmax sees: ``softcap(scale * z) / temperature`` with ``softcap(u) = c tanh(u / c)``
-    (``softcap=None``: no cap) and ``z = hidden @ weight.T + bias``."""
-
-    temperature: float = 1.0
-    scale: float = 1.0
-    softcap: Optional[float] = None
-
-    @property
-    def linear_factor(self) -> float:
-        """The factor on ``z`` when there is no cap (the transform is then linear)."""
-        return self.scale / self.temperature
-
-    def apply(self, z: torch.Tensor) -> torch.Tensor:
-        z = z * self.scale
-        if self.softcap is not None:
-            z = self.softcap * torch.tanh(z / self.softcap)
-        return z / self.temperature
-
 
 def model_logit_transform(model: Any, temperature: float = 1.0) -> LogitTransform:
     """The logit scale and soft cap a ``transformers`` causal LM applies after its lm-head, from its config.
@@ -251,63 +212,15 @@ class _GatheredLogProbs(torch.autograd.Function):
 
 def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
                  transform: LogitTransform, backend: str, return_stats: bool):
-    """``linear_logprobs`` with the transform: natively when the core has it, else folded into the hidden states."""
-    if core_has_logit_transform():
-        return linear_logprobs(hidden, weight, targets, bias, backend=backend, temperature=transform.temperature,
-                               logit_scale=transform.scale, logit_softcap=transform.softcap,
-                               **({"return_stats": True} if return_stats else {}))
-    if transform.softcap is not None:
-        raise NotImplementedError("a soft-capped lm-head (final_logit_softcapping) needs prefkern's linear_logprobs "
-                                  "with logit_softcap= (prefkern issue #14 item 4); this prefkern has none")
-    factor = transform.linear_factor
-    if factor != 1.0:
-        hidden = hidden * factor
-        bias = None if bias is None else bias * factor
-    return linear_logprobs(hidden, weight, targets, bias, backend=backend)
+    """:func:`prefkern.linear_logprobs` with the head's transform (and its row statistics when asked)."""
+    return linear_logprobs(hidden, weight, targets, bias, backend=backend, temperature=transform.temperature,
+                           logit_scale=transform.scale, logit_softcap=transform.softcap, return_stats=return_stats)
 
 
-def token_stats_torch(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      targets: torch.Tensor, transform: LogitTransform = LogitTransform(),
-                      chunk_bytes: int = _STATS_CHUNK_BYTES) -> Dict[str, torch.Tensor]:
-    """Per-token statistics of ``softmax(transform(hidden @ weight.T + bias))`` in fp32 chunks, without gradient.
-
-    The fallback of the seam until the core's row pass returns them (one more matmul unit).
-
-    Parameters
-    ----------
-    hidden : [N, H]; weight : [V, H]; bias : [V] or None (one float dtype); targets : [N] int64 in ``[0, V)``.
-    transform : the head's :class:`LogitTransform`.
-
-    Returns
-    -------
-    dict of [N] tensors: ``entropy``, ``log_sum_sq_probs`` (``log sum_v p_v^2``), ``mean_logits`` (fp32) and
-    ``is_top1`` (bool: the target is the first argmax).
-    """
-    n, v = hidden.shape[0], weight.shape[0]
-    out = {k: torch.zeros(n, dtype=torch.float32, device=hidden.device) for k in _STATS_OUTPUTS}
-    out["is_top1"] = torch.zeros(n, dtype=torch.bool, device=hidden.device)
-    rows = max(1, chunk_bytes // (4 * v))
-    identity = transform == LogitTransform()
-    with torch.no_grad():
-        w = weight.detach()
-        b = None if bias is None else bias.detach()
-        for s in range(0, n, rows):
-            e = min(n, s + rows)
-            x = hidden[s:e].detach()
-            z = (torch.addmm(b, x, w.t()) if b is not None else x @ w.t()).float()
-            if not identity:
-                z = transform.apply(z)
-            top, arg = z.max(dim=-1)
-            z.sub_(top.unsqueeze(-1))  # z - max: every exp below is <= 1
-            ez = torch.exp(z)
-            total = ez.sum(-1)
-            log_total = total.log()
-            # H = log s - sum_v e_v (z_v - m) / s;  log sum_v p_v^2 = log sum_v e_v^2 - 2 log s
-            out["entropy"][s:e] = log_total - torch.linalg.vecdot(ez, z) / total
-            out["log_sum_sq_probs"][s:e] = torch.linalg.vecdot(ez, ez).log() - 2 * log_total
-            out["mean_logits"][s:e] = z.mean(-1) + top
-            out["is_top1"][s:e] = arg == targets[s:e]
-    return out
+def _stats_dict(stats: Any, vocab: int) -> Dict[str, torch.Tensor]:
+    """TRL's names for :class:`prefkern.ops.linear_logprobs.TokenStats`."""
+    return {"entropy": stats.entropy, "log_sum_sq_probs": stats.log_sum_p2, "mean_logits": stats.logit_sum / vocab,
+            "is_top1": stats.top1 > 0.5}
 
 
 def chunked_logprobs(
@@ -356,23 +269,23 @@ def chunked_logprobs(
     bias = None if bias is None else bias.to(dtype)
     targets = targets.to(torch.int64)
     wanted = [name for name in _STATS_OUTPUTS if name in outputs]
-    native_stats = bool(wanted) and core_has_stats() and core_has_logit_transform()
 
     def logps_only(h, w, b, y):
         return _token_logps(h, w, b, y, transform, backend, False)
 
     stats: Dict[str, torch.Tensor] = {}
-    if native_stats and not _zero3_partitioned(weight):
+    if _zero3_partitioned(weight):
+        logp = _GatheredLogProbs.apply(hidden, weight, bias, targets, logps_only)
+        if wanted:  # the head is gathered here (TRL's context); the statistics need no gradient
+            with torch.no_grad():
+                _, token_stats = _token_logps(hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
+                                              targets, transform, backend, True)
+            stats = _stats_dict(token_stats, weight.shape[0])
+    elif wanted:
         logp, token_stats = _token_logps(hidden, weight, bias, targets, transform, backend, True)
-        stats = {"entropy": token_stats.entropy, "log_sum_sq_probs": token_stats.log_sum_p2,
-                 "mean_logits": token_stats.logit_sum / weight.shape[0], "is_top1": token_stats.top1 > 0.5}
+        stats = _stats_dict(token_stats, weight.shape[0])
     else:
-        if _zero3_partitioned(weight):
-            logp = _GatheredLogProbs.apply(hidden, weight, bias, targets, logps_only)
-        else:
-            logp = logps_only(hidden, weight, bias, targets)
-        if wanted:
-            stats = token_stats_torch(hidden, weight, bias, targets, transform)
+        logp = logps_only(hidden, weight, bias, targets)
     result: List[Optional[torch.Tensor]] = [logp]
     for name in _STATS_OUTPUTS:
         if name not in wanted:
@@ -691,17 +604,10 @@ def _trainer_class():
             target = self.model.get_base_model() if self._is_peft(self.model) else self.model
             _install_hidden_forward(target)
             transform = model_logit_transform(target)
-            if core_loss_has_logit_transform():
-                # the module applies the head's transform; nothing is folded into the hidden states
-                self._transform_options = {"logit_scale": transform.scale, "logit_softcap": transform.softcap}
-                self._fold, self._stats_transform = 1.0, transform
-                self.prefkern_loss = from_trl(self.args, **self._prefkern_engine, **self._transform_options)
-            elif transform.softcap is not None:
-                raise NotImplementedError("a soft-capped lm-head (final_logit_softcapping) needs "
-                                          "FusedLinearPreferenceLoss(logit_softcap=...) (prefkern issue #14 item 4)")
-            else:
-                self._transform_options = {}
-                self._fold, self._stats_transform = transform.linear_factor, LogitTransform()
+            # the module applies the head's transform; nothing is folded into the hidden states
+            self._transform_options = {"logit_scale": transform.scale, "logit_softcap": transform.softcap}
+            self._stats_transform = transform
+            self.prefkern_loss = from_trl(self.args, **self._prefkern_engine, **self._transform_options)
 
         @staticmethod
         def _is_peft(model: Any) -> bool:
@@ -739,13 +645,10 @@ def _trainer_class():
             return out.log_probs[:, -seq_len:]
 
         def _fused_policy_loss(self, ref_logps, use_weighting):
-            transform, metrics, factor = self._stats_transform, self.logits_metrics, self._fold
-            need_stats = metrics or use_weighting or transform.softcap is not None
+            transform, metrics = self._stats_transform, self.logits_metrics
+            need_stats = metrics or use_weighting
 
             def loss_fn(hidden, weight, bias, labels):
-                if factor != 1.0:
-                    hidden = hidden * factor
-                    bias = None if bias is None else bias * factor
                 mask = labels != -100
                 stats = None
                 if need_stats:
@@ -753,15 +656,9 @@ def _trainer_class():
                     h2 = hidden.detach().reshape(-1, hidden.shape[-1])[flat]
                     y = labels.reshape(-1)[flat]
                     with torch.no_grad():
-                        if core_has_stats() and core_has_logit_transform():
-                            logp, ts = _token_logps(h2, weight.detach(), None if bias is None else bias.detach(),
-                                                    y, transform, self._prefkern_engine["backend"], True)
-                            stats = {"log_probs": logp, "entropy": ts.entropy, "log_sum_sq_probs": ts.log_sum_p2,
-                                     "mean_logits": ts.logit_sum / weight.shape[0], "is_top1": ts.top1 > 0.5}
-                        else:
-                            stats = token_stats_torch(h2, weight, bias, y, transform)
-                            stats["log_probs"] = linear_logprobs(h2, weight.detach(), y, None if bias is None
-                                                                 else bias.detach())
+                        logp, ts = _token_logps(h2, weight.detach(), None if bias is None else bias.detach(), y,
+                                                transform, self._prefkern_engine["backend"], True)
+                        stats = {"log_probs": logp, **_stats_dict(ts, weight.shape[0])}
                     stats = {k: v.new_zeros(mask.shape).masked_scatter(mask, v) for k, v in stats.items()}
                 extra = {}
                 if use_weighting:
