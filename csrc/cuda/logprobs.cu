@@ -39,7 +39,7 @@ __global__ void __launch_bounds__(kThreads) logprobs_forward_kernel(
   MaxSum acc{-INFINITY, 0.f};
   // Per 16-byte pack: its max, one rescale of the running sum, then the exps (no branch per element).
   // __fmul_rn: z rounded once, never contracted into an FMA, so that z_y - m below sees the same z.
-  for_row_packs<kThreads>(row, vocab, [&](const auto& x) {
+  for_row_packs<kThreads>(row, vocab, [&](int64_t, const auto& x) {
     constexpr int kN = sizeof(x) / sizeof(float);
     float z[kN];
     float pm = -INFINITY;
