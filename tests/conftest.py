@@ -5,11 +5,16 @@ before triton is imported anywhere, so it is set here, first.
 """
 
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# a compile cache of its own per run: inductor's cache key does not see a custom op's fake implementation, so a
+# cache warmed by another version of prefkern on this machine can replay graphs with stale output shapes
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="prefkern-inductor-"))
 
 import pytest  # noqa: E402
 

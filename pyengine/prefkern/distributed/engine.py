@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ..fused.eager import chunk_units, loss_with_gradients
+from ..fused.eager import chunk_batch_rows, chunk_units, loss_with_gradients
 from ..fused.engine import EngineOptions, FusedResult, default_memory_budget, wants_gradient
 from ..fused.objective import BatchObjective
 from ..ops.linear_logprobs import default_chunk_rows
@@ -85,9 +85,7 @@ def vocab_parallel_eager_gradients(
 
     for s in range(0, units, chunk):
         e = min(units, s + chunk)
-        rows = torch.arange(s, e, device=dev)
-        if not objective.unpaired:
-            rows = torch.cat([rows, rows + units])
+        rows = chunk_batch_rows(s, e, units, not objective.unpaired, dev)
         nr = rows.shape[0]
         scored = mask[rows].reshape(-1).nonzero().squeeze(1)
         nv = scored.numel()

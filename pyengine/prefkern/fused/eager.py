@@ -31,6 +31,12 @@ def chunk_units(units: int, unit_rows: int, t: int, v: int, device: torch.device
     return max(1, min(units, want, budget // (unit_rows * t * v * 4)))
 
 
+def chunk_batch_rows(s: int, e: int, units: int, paired: bool, device: torch.device) -> torch.Tensor:
+    """The batch rows of pairs ``s..e-1`` (``[s, e)`` and ``[units + s, units + e)``), or of examples ``s..e-1``."""
+    rows = torch.arange(s, e, device=device)
+    return torch.cat([rows, rows + units]) if paired else rows
+
+
 def eager_gradients(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
     ignore_index: int, objective: BatchObjective, backend: str, budget: int, transform: LogitTransform = IDENTITY,
@@ -73,9 +79,7 @@ def eager_gradients(
 
     for s in range(0, units, chunk):
         e = min(units, s + chunk)
-        rows = torch.arange(s, e, device=dev)
-        if not objective.unpaired:
-            rows = torch.cat([rows, rows + units])
+        rows = chunk_batch_rows(s, e, units, not objective.unpaired, dev)
         nr = rows.shape[0]
         # only scored tokens go through the GEMMs: prompt and padding rows contribute exactly zero
         scored = mask[rows].reshape(-1).nonzero().squeeze(1)
@@ -170,5 +174,5 @@ def differentiable_token_logps(token_logps: torch.Tensor, hidden: torch.Tensor, 
                                   transform)
 
 
-__all__ = ["EAGER_TOKENS_PER_CHUNK", "chunk_units", "eager_gradients", "loss_with_gradients",
+__all__ = ["EAGER_TOKENS_PER_CHUNK", "chunk_batch_rows", "chunk_units", "eager_gradients", "loss_with_gradients",
            "differentiable_token_logps"]

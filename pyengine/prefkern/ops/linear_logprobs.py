@@ -184,7 +184,7 @@ def _transform(temperature: float, logit_scale: float, logit_softcap: float) -> 
     return LogitTransform(temperature, logit_scale, logit_softcap or None)
 
 
-@torch.library.custom_op("prefkern::linear_logprobs_fwd", mutates_args=())
+@torch.library.custom_op("prefkern::linear_logprobs_forward", mutates_args=())
 def linear_logprobs_fwd(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
     ignore_index: int, backend: str, chunk_rows: int, deterministic: bool,
@@ -211,7 +211,7 @@ def _(hidden, weight, bias, labels, ignore_index, backend, chunk_rows, determini
             hidden.new_empty((n if with_stats else 0, len(STATS)), dtype=torch.float32))
 
 
-@torch.library.custom_op("prefkern::linear_logprobs_bwd", mutates_args=())
+@torch.library.custom_op("prefkern::linear_logprobs_backward", mutates_args=())
 def linear_logprobs_bwd(
     grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     labels: torch.Tensor, lse: torch.Tensor, ignore_index: int, backend: str, chunk_rows: int,

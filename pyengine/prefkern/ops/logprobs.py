@@ -105,7 +105,7 @@ def _(grad, logits, labels, lse, ignore_index, scale, backend, out):
 # ---- the public op ------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("prefkern::logprobs_fwd", mutates_args=())
+@torch.library.custom_op("prefkern::logprobs_forward", mutates_args=())
 def logprobs_fwd(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, temperature: float, backend: str
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +128,7 @@ def _(logits, labels, ignore_index, temperature, backend):
     return logits.new_empty(n, dtype=dtype), logits.new_empty((n, 2), dtype=dtype)
 
 
-@torch.library.custom_op("prefkern::logprobs_bwd", mutates_args=())
+@torch.library.custom_op("prefkern::logprobs_backward", mutates_args=())
 def logprobs_bwd(
     grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
     ignore_index: int, temperature: float, backend: str,

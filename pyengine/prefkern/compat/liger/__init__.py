@@ -70,7 +70,7 @@ from .dpo import LigerFusedLinearDPOLoss
 from .kto import LigerFusedLinearKTOLoss
 from .orpo import LigerFusedLinearORPOLoss
 from .simpo import LigerFusedLinearSimPOLoss
-from .trl_patch import patch_trl, unpatch_trl  # TRL <= 1.13 route; not in __all__ (no Liger counterpart)
+from .trl_patch import patch_trl, unpatch_trl  # noqa: F401  (TRL <= 1.13 route; not in __all__: no Liger class)
 
 __all__ = [
     "LigerFusedLinearDPOLoss",
