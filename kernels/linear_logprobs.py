@@ -123,10 +123,12 @@ def _linear_lse_backward_kernel(
             g_scale = 1.0
         else:
             dz_op = (dz / g_scale).to(x_ptr.dtype.element_ty)
-        for h0 in range(0, H, BLOCK_H):
-            offs_h = h0 + tl.arange(0, BLOCK_H)
-            mask_h = offs_h < H
-            if COMPUTE_DX:
+        # dX and dW in two sweeps over H, not one: one accumulator tile live at a time (a single sweep held
+        # both and sat at 254 of sm_80's 255 registers)
+        if COMPUTE_DX:
+            for h0 in range(0, H, BLOCK_H):
+                offs_h = h0 + tl.arange(0, BLOCK_H)
+                mask_h = offs_h < H
                 wt = tl.load(w_ptr + offs_v[:, None].to(tl.int64) * stride_wv + offs_h[None, :] * stride_wh,
                              mask=mask_v[:, None] & mask_h[None, :], other=0.0)
                 if UPCAST:
@@ -134,7 +136,10 @@ def _linear_lse_backward_kernel(
                 dx = tl.dot(dz_op, wt, input_precision=DOT_PRECISION) * g_scale
                 tl.atomic_add(dx_ptr + offs_n[:, None].to(tl.int64) * stride_dxn + offs_h[None, :], dx,
                               mask=mask_n[:, None] & mask_h[None, :], sem="relaxed")
-            if COMPUTE_DW:
+        if COMPUTE_DW:
+            for h0 in range(0, H, BLOCK_H):
+                offs_h = h0 + tl.arange(0, BLOCK_H)
+                mask_h = offs_h < H
                 xt = tl.load(x_ptr + offs_n[:, None].to(tl.int64) * stride_xn + offs_h[None, :] * stride_xh,
                              mask=mask_n[:, None] & mask_h[None, :], other=0.0)
                 if UPCAST:
