@@ -15,7 +15,8 @@ from ..harness import Case
 DEFAULT_DTYPES = {"cpu": [torch.float32], "cuda": [torch.bfloat16]}
 
 CPU_SIZES = [(64, 32000)]
-GPU_SIZES = [(256, 128256), (256, 32000)]
+# V = 50257 (GPT-2): rows start at odd 2-byte offsets, the peeled-head path of the row kernels
+GPU_SIZES = [(256, 128256), (256, 32000), (256, 50257)]
 QUICK_SIZES = [(16, 32000)]
 TOP_K, TOP_P, MIN_P = 50, 0.9, 0.05
 # (label, prefkern kwargs); the torch sort path has no min-p
