@@ -380,3 +380,93 @@ def test_nan_at_an_ignored_position_under_tracing_paths(monkeypatch):
     for a, b in zip(clean[:2], poisoned[:2]):
         assert torch.isfinite(b).all()
         torch.testing.assert_close(a, b)
+
+
+def _float64_stats(x, w, y, **opts):
+    logq = _materialised_logps(x.reshape(-1, x.shape[-1]), w, torch.zeros(w.shape[0]), y.reshape(-1), **opts)
+    p = logq.exp()
+    lead = y.shape
+    return {"entropy": (-(p * logq).sum(-1)).reshape(lead), "log_sum_p2": torch.log((p * p).sum(-1)).reshape(lead),
+            "top1": (logq.argmax(-1) == y.reshape(-1)).double().reshape(lead)}
+
+
+@pytest.mark.parametrize("mode", ["eager", "stream"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "kto", "salt"])
+def test_loss_module_return_stats_against_float64(mode, loss_type):
+    """``return_stats=True``: per-token statistics from the loss's own pass, equal to float64 on scored positions,
+    0 elsewhere; loss and gradients exactly those of ``return_stats=False``."""
+    if loss_type == "salt" and mode == "eager":
+        pytest.skip("SALT is token-level: it always streams")
+    hidden, weight, labels = _pair_inputs(seed=11)
+    opts = {"temperature": 0.7, "logit_softcap": 4.0}
+    n = hidden.shape[0]
+    kw = {"sigmoid": {"ref_logps": torch.randn(n) - 20.0},
+          "kto": {"ref_logps": torch.randn(n) - 20.0, "desirable": torch.arange(n) % 2 == 0},
+          "salt": {"token_weights": torch.rand(labels.shape)}}[loss_type]
+    results = {}
+    for stats in (False, True):
+        x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        module_mode = "stream" if loss_type == "salt" else mode
+        extra = {"kl": 0.0} if loss_type == "kto" else {}
+        out = prefkern.FusedLinearPreferenceLoss(loss_type, mode=module_mode, return_stats=stats, **opts, **extra)(
+            x, w, labels, **kw)
+        out.loss.backward()
+        results[stats] = (out.loss.detach(), x.grad, w.grad)
+        assert (out.token_stats is not None) == stats
+    for a, e in zip(results[True], results[False]):
+        assert torch.equal(a, e)
+    scored = labels != -100
+    expect = _float64_stats(hidden, weight, labels, **opts)
+    for name in ("entropy", "log_sum_p2", "top1"):
+        got = getattr(out.token_stats, name)
+        assert got.shape == labels.shape and not got.requires_grad
+        assert torch.all(got[~scored] == 0), name
+        # fp32 logits against float64: a few ulps of values of order 1-10
+        torch.testing.assert_close(got[scored].double(), expect[name][scored], atol=2e-5, rtol=1e-5, msg=name)
+
+
+class CountGemms(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.__name__.split(".")[0].rstrip("_") in GEMMS  # mm.out, addmm_ (CPU dW) count too
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_return_stats_adds_no_gemm():
+    hidden, weight, labels = _pair_inputs(seed=12)
+    ref = torch.randn(hidden.shape[0]) - 20.0
+    counts = {}
+    for stats in (False, True):
+        x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with CountGemms() as rec:
+            out = prefkern.FusedLinearPreferenceLoss("sigmoid", mode="eager", return_stats=stats)(x, w, labels,
+                                                                                                   ref_logps=ref)
+            out.loss.backward()
+        counts[stats] = rec.count
+    assert counts[True] == counts[False] == 3  # logits, dX, dW: one chunk
+
+
+def test_row_stats_slices_match_one_slice(monkeypatch):
+    import prefkern.ops.linear_logprobs as LLP
+
+    g = torch.Generator().manual_seed(13)
+    z = torch.randn(9, 23, generator=g) * 3
+    y = torch.randint(0, 23, (9,), generator=g)
+    y[4] = -100
+    lse = torch.stack([z.max(-1).values, torch.logsumexp(z - z.max(-1, keepdim=True).values, -1)], -1)
+    whole = LLP.row_stats(z, lse, y, 1.0, -100)
+    monkeypatch.setattr(LLP, "STATS_SLICE_BYTES", 2 * 4 * 23)  # two rows per slice, a short last slice
+    assert torch.equal(LLP.row_stats(z, lse, y, 1.0, -100), whole)
+    assert torch.all(whole[4] == 0)
+
+
+def test_return_stats_option_checks():
+    with pytest.raises(ValueError, match="return_stats"):
+        prefkern.FusedLinearPreferenceLoss("sigmoid", return_stats=True, deterministic=False)
+    with pytest.raises(ValueError, match="return_stats"):
+        prefkern.FusedLinearPreferenceLoss("sigmoid", return_stats=True, vocab_parallel=True)
+    with pytest.raises(TypeError, match="return_stats"):
+        prefkern.FusedLinearPreferenceLoss("sigmoid", return_stats="yes")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from dataclasses import replace
 from typing import Any, List, Optional, Tuple, Union
 
 import torch
@@ -81,6 +82,10 @@ class FusedLinearPreferenceLoss(nn.Module):
         and the reference pass alike.
     deterministic : False lets stream mode run the Triton register-tile kernels on a GPU (nothing of size V in
         memory; dX / dW summed with fp32 atomics, so run-to-run different in the last bits).
+    vocab_parallel : None, True (the head is a ``Shard(0)`` DTensor) or a :class:`prefkern.distributed.VocabParallel`.
+    return_stats : the output's ``token_stats`` gets the policy's per-token entropy, ``log sum p^2``, logit sum and
+        top-1 agreement ([R, T] each, no gradient), computed from the logits chunks the loss already forms (no
+        extra GEMM; one more read of each chunk). Not with ``deterministic=False`` or a vocab-parallel head.
     **loss_kwargs : any other option of the family function (``label_smoothing``, ``gamma_beta_ratio``,
         ``cpo_alpha``, ``desirable_weight``, ``form``, ...).
 
@@ -124,9 +129,14 @@ class FusedLinearPreferenceLoss(nn.Module):
         logit_softcap: Optional[float] = None,
         deterministic: bool = True,
         vocab_parallel: Any = None,
+        return_stats: bool = False,
         **loss_kwargs: Any,
     ) -> None:
         super().__init__()
+        self.return_stats = check_flag("return_stats", return_stats)
+        if self.return_stats and (not deterministic or vocab_parallel is not None):
+            raise ValueError("return_stats runs on the chunked paths of a whole head: it needs deterministic=True and "
+                             "no vocab_parallel")
         if vocab_parallel is not None and vocab_parallel is not True and not isinstance(vocab_parallel, VocabParallel):
             raise TypeError(f"vocab_parallel must be None, True or a prefkern.distributed.VocabParallel, got "
                             f"{type(vocab_parallel).__name__}")
@@ -182,7 +192,11 @@ class FusedLinearPreferenceLoss(nn.Module):
     @property
     def engine_options(self) -> EngineOptions:
         return EngineOptions(self.ignore_index, self.mode, self.backend, self.memory_budget, type(self).__name__,
-                             self.transform, self.deterministic, self.vocab_parallel)
+                             self.transform, self.deterministic, self.vocab_parallel, self.return_stats)
+
+    def _run(self, hidden, weight, bias, labels, objective) -> PreferenceLossOutput:
+        result = fused_loss(hidden, weight, bias, labels, objective, self.engine_options)
+        return replace(result.output, token_stats=result.stats) if self.return_stats else result.output
 
     def _check_head(self, hidden, weight, labels, bias, names=("hidden", "weight", "labels", "bias"), **kwargs):
         """check_lm_head, or the vocab-parallel checks (this rank's slice, possibly empty) when the head is split."""
@@ -225,7 +239,7 @@ class FusedLinearPreferenceLoss(nn.Module):
         objective = CatalogObjective(self.loss_spec, self.loss_kwargs, mask, ref_seq=ref_seq, ref_tokens=ref_tokens,
                                      average_log_prob=self.average_log_prob, ld_alpha=self.ld_alpha,
                                      empty_completions=self.empty_completions)
-        return fused_loss(hidden, weight, bias, labels, objective, self.engine_options).output
+        return self._run(hidden, weight, bias, labels, objective)
 
     def _inputs(self, hidden, weight, labels, bias, layout: str) -> torch.Tensor:
         """Checks (before any GEMM) and the shifted int64 labels."""
@@ -273,14 +287,16 @@ class FusedLinearPreferenceLoss(nn.Module):
         t = self.transform
         token_logps = linear_logprobs(hidden, weight, labels, bias, ignore_index=self.ignore_index, backend=self.backend,
                                       temperature=t.temperature, logit_scale=t.scale, logit_softcap=t.softcap,
-                                      vocab_parallel=self.vocab_parallel)
+                                      vocab_parallel=self.vocab_parallel, return_stats=self.return_stats)
+        token_logps, stats = token_logps if self.return_stats else (token_logps, None)
         b = labels.shape[0] // 2
         kwargs = dict(self.loss_kwargs)
         if isinstance(self.vocab_parallel, VocabParallel) and "vocab_size" not in kwargs:
             raise ValueError("loss_type 'salt' on a vocab-parallel head needs vocab_size= (the whole head's V)")
         kwargs.setdefault("vocab_size", weight.shape[0])  # a DTensor's shape is the whole head's
         w = token_weights * mask
-        return loss_entry("salt").fn(token_logps[:b], w[:b], token_logps[b:], w[b:], **kwargs)
+        out = loss_entry("salt").fn(token_logps[:b], w[:b], token_logps[b:], w[b:], **kwargs)
+        return replace(out, token_stats=stats) if self.return_stats else out
 
 
 class FusedLinearUnpairedLoss(FusedLinearPreferenceLoss):
@@ -344,7 +360,7 @@ class FusedLinearUnpairedLoss(FusedLinearPreferenceLoss):
         kl_kwargs = self._kl_point(weight, bias, ref_weight, ref_bias, kl_hidden, kl_labels, ref_kl_hidden,
                                    ref_kl_logps)
         objective = CatalogUnpairedObjective(self.loss_type, self.loss_kwargs, mask, ref, desirable, kl_kwargs)
-        return fused_loss(hidden, weight, bias, labels, objective, self.engine_options).output
+        return self._run(hidden, weight, bias, labels, objective)
 
     def _kl_point(self, weight, bias, ref_weight, ref_bias, kl_hidden, kl_labels, ref_kl_hidden, ref_kl_logps):
         if kl_hidden is None:

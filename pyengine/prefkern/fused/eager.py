@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..ops.linear_logprobs import linear_logprobs_bwd, logit_gradient
+from ..ops.linear_logprobs import STATS, linear_logprobs_bwd, logit_gradient, row_stats
 from ..ops.lm_head_gemm import IDENTITY, LmHeadGemms, LogitTransform
 from ..ops.logprobs import logprobs_rows
 from .objective import BatchObjective
@@ -40,7 +40,8 @@ def chunk_batch_rows(s: int, e: int, units: int, paired: bool, device: torch.dev
 def eager_gradients(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
     ignore_index: int, objective: BatchObjective, backend: str, budget: int, transform: LogitTransform = IDENTITY,
-) -> Tuple[torch.Tensor, torch.Tensor, Gradients]:
+    with_stats: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, Gradients, Optional[torch.Tensor]]:
     """Token log-probs, their log-sum-exps and the gradients of ``objective``'s batch loss, chunk by chunk.
 
     Parameters
@@ -51,12 +52,15 @@ def eager_gradients(
     objective : gives each chunk's share of the batch loss (:meth:`BatchObjective.chunk_share`).
     backend : a concrete backend of the row kernels; budget : bytes of fp32 logits a chunk may take.
     transform : the model's scale / soft-cap / temperature of the logits.
+    with_stats : also the per-token statistics of :func:`..ops.linear_logprobs.row_stats`, from each chunk's logits
+        before its gradient overwrites them (no extra GEMM).
 
     Returns
     -------
     token_logps : [R, T] fp32, detached (0 at ignored positions); lse : [R * T, 2] fp32, each token's max and
     log-sum of the scaled logits kept apart (:func:`..ops.logprobs.logprobs_rows`; 0 at ignored positions);
-    grads : (d hidden, d weight [V, H], d bias [V]) in the inputs' dtypes, None where no gradient is wanted.
+    grads : (d hidden, d weight [V, H], d bias [V]) in the inputs' dtypes, None where no gradient is wanted;
+    stats : [R * T, 4] fp32 (``STATS`` columns, 0 at ignored positions) or None.
     """
     r, t, h = hidden.shape
     unit_rows = 1 if objective.unpaired else 2
@@ -73,6 +77,7 @@ def eager_gradients(
     db = torch.zeros((v,), dtype=torch.float32, device=dev) if need_db else None
     token_logps = torch.zeros((r, t), dtype=torch.float32, device=dev)
     lse = torch.zeros((r, t, 2), dtype=torch.float32, device=dev)
+    stats = torch.zeros((r, t, len(STATS)), dtype=torch.float32, device=dev) if with_stats else None
     buf = torch.empty((unit_rows * chunk * t, v), dtype=torch.float32, device=dev)
     scratch = torch.empty_like(buf) if transform.softcap else None
     mask = labels != ignore_index
@@ -97,6 +102,10 @@ def eager_gradients(
         token_logps[rows] = tok.view(nr, t)
         lse_rows = torch.zeros((nr * t, 2), dtype=torch.float32, device=dev).index_copy_(0, scored, lse_scored)
         lse[rows] = lse_rows.view(nr, t, 2)
+        if with_stats:
+            part = row_stats(z, lse_scored, y, transform.row_scale, ignore_index)
+            stats_rows = torch.zeros((nr * t, len(STATS)), dtype=torch.float32, device=dev).index_copy_(0, scored, part)
+            stats[rows] = stats_rows.view(nr, t, len(STATS))
         z = logit_gradient(head, g.reshape(-1)[scored].contiguous(), z, y, lse_scored, ignore_index, backend, scratch)
         dz = head.grad_operand(z)
         if need_dx:
@@ -110,7 +119,7 @@ def eager_gradients(
 
     grads = (None if dx is None else dx.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
              None if db is None else db.to(bias.dtype))
-    return token_logps, lse.view(-1, 2), grads
+    return token_logps, lse.view(-1, 2), grads, None if stats is None else stats.view(-1, len(STATS))
 
 
 class _EagerLoss(torch.autograd.Function):

@@ -19,7 +19,7 @@ import torch
 from .._validation import check_labels_in_range, float64_backend
 from ..dispatch import resolve_backend
 from ..losses import PreferenceLossOutput
-from ..ops.linear_logprobs import default_chunk_rows, linear_logprobs
+from ..ops.linear_logprobs import TokenStats, default_chunk_rows, linear_logprobs
 from ..ops.lm_head_gemm import IDENTITY, LogitTransform, matched_operands
 from ..distributed.vocab_parallel import resolve_vocab_parallel, vocab_parallel_token_logps_no_grad
 from .eager import differentiable_token_logps, eager_gradients, loss_with_gradients
@@ -38,7 +38,8 @@ class EngineOptions:
     memory_budget : bytes an eager chunk of fp32 logits may take (None: a tenth of free memory).
     op : the front end's name, for messages. transform : the model's logit scale / soft-cap / temperature.
     deterministic : False lets the stream path use the Triton register-tile kernels (fp32 atomics in backward;
-    see :func:`prefkern.linear_logprobs`).
+    see :func:`prefkern.linear_logprobs`). return_stats : also per-token statistics of the distribution
+    (:class:`prefkern.ops.linear_logprobs.TokenStats`) from the same pass over each chunk of logits.
     """
 
     ignore_index: int = -100
@@ -49,17 +50,19 @@ class EngineOptions:
     transform: LogitTransform = IDENTITY
     deterministic: bool = True
     vocab_parallel: Any = None  # None, True (a Shard(0) DTensor head) or a prefkern.distributed.VocabParallel
+    return_stats: bool = False
 
 
 @dataclass
 class FusedResult:
     """``output``: the objective's output, ``loss`` differentiable (in eager mode its gradients were taken in
     forward; backpropagate it once). ``token_logps``: [R, T] fp32, differentiable in both modes. ``eager``: the
-    mode taken."""
+    mode taken. ``stats``: [R, T] :class:`TokenStats` when ``EngineOptions.return_stats``, else None."""
 
     output: PreferenceLossOutput
     token_logps: torch.Tensor
     eager: bool
+    stats: Optional[TokenStats] = None
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -105,8 +108,9 @@ def fused_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if vp is not None:
         from ..distributed.engine import vocab_parallel_fused_loss
 
-        if options.transform != IDENTITY:
-            raise ValueError("temperature, logit_scale and logit_softcap are not supported on a vocab-parallel head")
+        if options.transform != IDENTITY or options.return_stats:
+            raise ValueError("temperature, logit_scale, logit_softcap and return_stats are not supported on a "
+                             "vocab-parallel head")
         return vocab_parallel_fused_loss(hidden, weight, bias, labels, objective, options, vp)
     hidden, weight, bias = matched_operands(hidden, weight, bias)
     backend = _concrete_backend(float64_backend("hidden", hidden, options.backend), hidden.device, options.op)
@@ -121,20 +125,22 @@ def fused_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         return _stream(hidden, weight, bias, labels, objective, options, backend)
     objective.check()  # input errors before any GEMM
     check_labels_in_range(labels, weight.shape[0], options.ignore_index)
-    tok, lse, grads = eager_gradients(hidden, weight, bias, labels, options.ignore_index, objective, backend, budget,
-                                      options.transform)
+    tok, lse, grads, stats = eager_gradients(hidden, weight, bias, labels, options.ignore_index, objective, backend,
+                                             budget, options.transform, options.return_stats)
     tok = differentiable_token_logps(tok, hidden, weight, bias, labels, lse, options.ignore_index, backend,
                                      default_chunk_rows(weight.shape[0], hidden.device), options.transform)
     out = objective.evaluate(tok)
-    return FusedResult(replace(out, loss=loss_with_gradients(out.loss, hidden, weight, bias, grads)), tok, True)
+    stats = None if stats is None else TokenStats.from_columns(stats, labels.shape)
+    return FusedResult(replace(out, loss=loss_with_gradients(out.loss, hidden, weight, bias, grads)), tok, True, stats)
 
 
 def _stream(hidden, weight, bias, labels, objective, options, backend) -> FusedResult:
     t = options.transform
     tok = linear_logprobs(hidden, weight, labels, bias, ignore_index=options.ignore_index, backend=backend,
                           temperature=t.temperature, logit_scale=t.scale, logit_softcap=t.softcap,
-                          deterministic=options.deterministic)
-    return FusedResult(objective.evaluate(tok), tok, False)
+                          deterministic=options.deterministic, return_stats=options.return_stats)
+    tok, stats = tok if options.return_stats else (tok, None)
+    return FusedResult(objective.evaluate(tok), tok, False, stats)
 
 
 def token_logps_no_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

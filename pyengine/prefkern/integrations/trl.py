@@ -578,8 +578,9 @@ def _trainer_class():
         prefkern_mode : ``"auto"``, ``"eager"`` or ``"stream"`` (the loss module's mode).
         prefkern_backend : prefkern's row-kernel backend.
         memory_budget : bytes of one eager chunk of fp32 logits (None: a tenth of free memory).
-        logits_metrics : log ``entropy`` and ``mean_token_accuracy`` like TRL (one more matmul unit per step,
-            without gradient, until the core's eager pass returns row statistics); False skips them.
+        logits_metrics : log ``entropy`` and ``mean_token_accuracy`` like TRL, from the loss's own pass over the
+            logits (``return_stats=True``: no extra GEMM); False skips them. WPO (``use_weighting``) needs the
+            statistics before the loss and pays one more matmul unit without gradient for them.
             ``logits/chosen`` and ``logits/rejected`` are always logged (exact sums, no logits).
 
         Raises
@@ -607,7 +608,8 @@ def _trainer_class():
             # the module applies the head's transform; nothing is folded into the hidden states
             self._transform_options = {"logit_scale": transform.scale, "logit_softcap": transform.softcap}
             self._stats_transform = transform
-            self.prefkern_loss = from_trl(self.args, **self._prefkern_engine, **self._transform_options)
+            self.prefkern_loss = from_trl(self.args, **self._prefkern_engine, **self._transform_options,
+                                          return_stats=self.logits_metrics)
 
         @staticmethod
         def _is_peft(model: Any) -> bool:
@@ -646,12 +648,12 @@ def _trainer_class():
 
         def _fused_policy_loss(self, ref_logps, use_weighting):
             transform, metrics = self._stats_transform, self.logits_metrics
-            need_stats = metrics or use_weighting
 
             def loss_fn(hidden, weight, bias, labels):
                 mask = labels != -100
-                stats = None
-                if need_stats:
+                module, stats = self.prefkern_loss, None
+                if use_weighting:
+                    # WPO's weights enter the loss: the statistics come first, from a pass without gradient
                     flat = mask.reshape(-1)
                     h2 = hidden.detach().reshape(-1, hidden.shape[-1])[flat]
                     y = labels.reshape(-1)[flat]
@@ -660,19 +662,16 @@ def _trainer_class():
                                                 transform, self._prefkern_engine["backend"], True)
                         stats = {"log_probs": logp, **_stats_dict(ts, weight.shape[0])}
                     stats = {k: v.new_zeros(mask.shape).masked_scatter(mask, v) for k, v in stats.items()}
-                extra = {}
-                if use_weighting:
                     lengths = mask.sum(1).clamp(min=1)
                     w = torch.exp(((stats["log_probs"] - stats["log_sum_sq_probs"]) * mask).sum(1) / lengths)
                     b = w.shape[0] // 2
-                    extra = {"chosen_weights": w[:b], "rejected_weights": w[b:]}
-                module = self.prefkern_loss
-                if extra:
                     module = from_trl(self.args, **{**self._prefkern_engine, "mode": "stream"},
-                                      **self._transform_options, **extra)
+                                      **self._transform_options, chosen_weights=w[:b], rejected_weights=w[b:])
                 out = module(hidden, weight, labels, bias, ref_logps=ref_logps)
+                if stats is None and out.token_stats is not None:
+                    stats = _stats_dict(out.token_stats, weight.shape[0])
                 means = stats["mean_logits"] if stats is not None else _logit_means(hidden, weight, bias, mask)
-                return out, stats, means
+                return out, stats if metrics else None, means
 
             return loss_fn
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -31,6 +31,10 @@ class PreferenceLossOutput:
         Detached 0-d tensors keyed like the reference trainer's logs
         (``"rewards/chosen"``, ``"rewards/margins"``, ``"rewards/accuracies"``,
         ``"logps/chosen"``, ``"nll_loss"``, ``"kl"``, ...).
+    token_stats : prefkern.ops.linear_logprobs.TokenStats or None
+        Per-token statistics of the policy's distribution (entropy, ``log sum p^2``, logit sum, top-1), each
+        ``[R, T]`` fp32 without gradient, 0 off the completion; set by the fused modules built with
+        ``return_stats=True`` (from the same pass over the logits as the loss), else None.
     """
 
     loss: torch.Tensor
@@ -38,6 +42,7 @@ class PreferenceLossOutput:
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+    token_stats: Optional[Any] = None
 
 
 @dataclass
