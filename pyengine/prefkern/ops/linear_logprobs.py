@@ -59,29 +59,30 @@ def _take(t: torch.Tensor, rows: Optional[torch.Tensor], s: int, e: int) -> torc
 STATS = ("entropy", "log_sum_p2", "logit_sum", "top1")  # columns of the optional per-token statistics
 
 
-STATS_SLICE_BYTES = 64 << 20  # fp32 temporaries of row_stats: at most this many bytes each
+STATS_SLICE_BYTES = 32 << 20  # each of row_stats' two fp32 temporaries stays within this many bytes
 
 
 def row_stats(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, row_scale: float,
               ignore_index: int) -> torch.Tensor:
     """[k, 4] fp32 per-row statistics of the distribution ``softmax(row_scale * z)`` (0 on ignored rows):
     entropy, ``log sum_v p_v^2`` (WPO's weight), the sum of the scaled logits, and whether the label is the
-    argmax (1.0 / 0.0). ``lse`` [k, 2]: the row kernels' max and log-sum. Works on slices of rows so that its
-    two fp32 temporaries stay within ``STATS_SLICE_BYTES`` each; the row kernels do not fuse these yet."""
+    argmax (1.0 / 0.0). ``lse`` [k, 2]: the row kernels' max and log-sum. Slices of rows with two temporaries
+    of at most ``STATS_SLICE_BYTES`` each, updated in place; the row kernels do not fuse these yet (about four
+    reads of the logits)."""
     k, v = z.shape
     out = torch.empty((k, len(STATS)), dtype=torch.float32, device=z.device)
     step = max(1, STATS_SLICE_BYTES // (4 * max(v, 1)))
     for s in range(0, k, step):
         n = min(step, k - s)
         zs, part, ys = z.narrow(0, s, n), lse.narrow(0, s, n), labels.narrow(0, s, n)
-        m, log_s = part[:, 0], part[:, 1]
-        d = zs * row_scale - m.unsqueeze(-1)
-        p = torch.exp(d - log_s.unsqueeze(-1))
+        m, log_s = part[:, :1], part[:, 1]
+        d = zs * row_scale - m  # log p + log s
+        entropy = log_s - (d - log_s.unsqueeze(-1)).exp_().mul_(d).sum(dim=-1)
+        d.mul_(2.0)
+        top = d.amax(dim=-1, keepdim=True)  # 0 up to rounding; -inf for a row of -inf (NaN, like its log-prob)
+        log_sum_p2 = d.sub_(top).exp_().sum(dim=-1).log_() + top.squeeze(-1) - 2.0 * log_s
         out.narrow(0, s, n).copy_(torch.stack([
-            log_s - (p * d).sum(dim=-1),
-            torch.logsumexp(d.mul_(2.0), dim=-1) - 2.0 * log_s,
-            zs.sum(dim=-1) * row_scale,
-            (zs.argmax(dim=-1) == ys).to(torch.float32),
+            entropy, log_sum_p2, zs.sum(dim=-1) * row_scale, (zs.argmax(dim=-1) == ys).to(torch.float32),
         ], dim=-1))
     return out.masked_fill_((labels == ignore_index).unsqueeze(-1), 0.0)
 
