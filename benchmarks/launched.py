@@ -57,6 +57,7 @@ def realistic_launches() -> list[tuple[str, Callable[[], None]]]:
     """The launches the compile checks and the SASS counts cover, each as (label, thunk)."""
     import prefkern.kernels.linear_logprobs as LL
     import prefkern.kernels.logprobs as LP
+    import prefkern.kernels.row_stats as RS
     import prefkern.kernels.sampling as SA
 
     bf16, i64 = torch.bfloat16, torch.int64
@@ -76,6 +77,9 @@ def realistic_launches() -> list[tuple[str, Callable[[], None]]]:
         LL.linear_lse_forward(hidden, weight, None, labels, -100)
         LL.linear_lse_backward(g, hidden, weight, None, labels, lse, -100, True, True, False)
 
+    def row_stats():
+        RS.row_stats(_meta(k_rows, V), lse[:k_rows], labels[:k_rows], 1.0, -100, _meta(k_rows, 4))
+
     def sampling(v):
         def run():
             SA.sample(_meta(R, v, dtype=bf16), rows, _meta(R), rows, _meta(R), _meta(R), rows, rows)
@@ -85,6 +89,7 @@ def realistic_launches() -> list[tuple[str, Callable[[], None]]]:
         ("logprobs bf16 [N, V]", logprobs(V, bf16)),
         ("logprobs fp32 chunk, in place", logprobs(V, torch.float32, n=k_rows, in_place=True)),
         (f"logprobs bf16 [N, {V_ODD}]", logprobs(V_ODD, bf16)),
+        ("row_stats fp32 chunk", row_stats),
         ("linear_logprobs bf16 [N, H] x [V, H]", linear),
         ("sampling bf16 [R, V]", sampling(V)),
         (f"sampling bf16 [R, {V_ODD}]", sampling(V_ODD)),

@@ -136,17 +136,18 @@ def nvdisasm(cubin: bytes) -> str:
         return subprocess.run([nvdisasm_path(), "-c", path], check=True, capture_output=True, text=True).stdout
 
 
-def triton_loops(cap: int) -> list[tuple[str, LoopCounts]]:
-    """Innermost loading loops of every realistic Triton launch with a bf16 row (label, counts)."""
+def triton_loops(cap: int) -> list[tuple[str, LoopCounts, int]]:
+    """Innermost loading loops of every realistic Triton row-kernel launch: (label, counts, element bytes)."""
     from benchmarks.launched import capture_launches, compile_launch, realistic_launches
 
     out = []
     for launch in capture_launches(realistic_launches()):
-        if "bf16" not in launch.label or "linear" in launch.label:
+        if "linear" in launch.label:  # tile GEMMs: their loops are MMA loops, not row reads
             continue
+        elem = 2 if "bf16" in launch.label else 4
         compiled = compile_launch(launch, cap)
         for name, (instrs, labels) in parse_functions(nvdisasm(compiled.cubin)).items():
-            out += [(f"triton {launch.label}", loop) for loop in innermost_loops(name, instrs, labels)]
+            out += [(f"triton {launch.label}", loop, elem) for loop in innermost_loops(name, instrs, labels)]
     return out
 
 
@@ -158,7 +159,7 @@ def _demangle(name: str) -> str:
     return re.sub(r"\(.*\)$", "", name)
 
 
-def cuda_loops(cap: int) -> list[tuple[str, LoopCounts]]:
+def cuda_loops(cap: int) -> list[tuple[str, LoopCounts, int]]:
     """Innermost loading loops of the bf16 instantiations in every CUDA source."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -175,30 +176,31 @@ def cuda_loops(cap: int) -> list[tuple[str, LoopCounts]]:
             for name, (instrs, labels) in functions.items():
                 pretty = _demangle(name)
                 if "bfloat16" in pretty:
-                    out += [(f"cuda {source.name}", loop) for loop in innermost_loops(pretty, instrs, labels)]
+                    out += [(f"cuda {source.name}", loop, 2) for loop in innermost_loops(pretty, instrs, labels)]
     return out
 
 
 def ceilings(instr_per_element: float, mufu_per_element: float, elem_bytes: int) -> tuple[float, float]:
     """(issue-bound GB/s, MUFU-bound GB/s) over all SMs for a loop with these per-element counts."""
     issue = SMS * CLOCK_HZ * ISSUE_LANES_PER_CLOCK / instr_per_element * elem_bytes / 1e9
-    mufu = SMS * CLOCK_HZ * MUFU_LANES_PER_CLOCK / mufu_per_element * elem_bytes / 1e9 if mufu_per_element else float("inf")
-    return issue, mufu
+    if not mufu_per_element:
+        return issue, float("inf")
+    return issue, SMS * CLOCK_HZ * MUFU_LANES_PER_CLOCK / mufu_per_element * elem_bytes / 1e9
 
 
-def table(rows: list[tuple[str, LoopCounts]], elem_bytes: int = 2) -> str:
+def table(rows: list[tuple[str, LoopCounts, int]]) -> str:
     hbm = ", ".join(f"{k} {v} GB/s" for k, v in HBM_GBS.items())
-    lines = [f"Static SASS counts, innermost loops that load the row (bf16); ceilings over {SMS} SMs at "
-             f"{CLOCK_HZ / 1e9:.2f} GHz; HBM: {hbm}. Not measured on a GPU.", "",
+    lines = [f"Static SASS counts, innermost loops that load the row (per element of the row's dtype); ceilings "
+             f"over {SMS} SMs at {CLOCK_HZ / 1e9:.2f} GHz; HBM: {hbm}. Not measured on a GPU.", "",
              "| where | kernel | loop | instr | MUFU | SHFL | BAR | B loaded/thread | instr/elem | MUFU/elem "
              "| issue-bound GB/s | MUFU-bound GB/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for where, loop in rows:
+    for where, loop, elem_bytes in rows:
         ipe, mpe = loop.per_element(elem_bytes)
         issue, mufu = ceilings(ipe, mpe, elem_bytes)
         kernel = loop.function if len(loop.function) < 60 else loop.function[:57] + "..."
-        lines.append(f"| {where} | `{kernel}` | {loop.start:#06x}-{loop.end:#06x} | {loop.instructions} | {loop.mufu} | "
-                     f"{loop.shfl} | {loop.bar} | {loop.load_bytes} | {ipe:.1f} | {mpe:.2f} | {issue:.0f} | "
-                     f"{'-' if mufu == float('inf') else f'{mufu:.0f}'} |")
+        lines.append(f"| {where} | `{kernel}` | {loop.start:#06x}-{loop.end:#06x} | {loop.instructions} | "
+                     f"{loop.mufu} | {loop.shfl} | {loop.bar} | {loop.load_bytes} | {ipe:.1f} | {mpe:.2f} | "
+                     f"{issue:.0f} | {'-' if mufu == float('inf') else f'{mufu:.0f}'} |")
     return "\n".join(lines)
 
 
@@ -222,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         nvcc = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
         path = ROOT / "benchmarks" / "results" / f"sass_sm{args.arch}.md"
-        path.write_text(f"# Static SASS counts, sm_{args.arch} (`python -m benchmarks.sass --arch {args.arch} --save`)\n\n"
-                        f"{date}, commit `{git_commit()}`, triton {triton.__version__}, {nvcc}.\n\n{text}\n")
+        command = f"python -m benchmarks.sass --arch {args.arch} --save"
+        stamp = f"{date}, commit `{git_commit()}`, triton {triton.__version__}, {nvcc}."
+        path.write_text(f"# Static SASS counts, sm_{args.arch} (`{command}`)\n\n{stamp}\n\n{text}\n")
         print(f"wrote {path}")
     return 0
 

@@ -390,9 +390,10 @@ def _float64_stats(x, w, y, **opts):
             "top1": (logq.argmax(-1) == y.reshape(-1)).double().reshape(lead)}
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("mode", ["eager", "stream"])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "kto", "salt"])
-def test_loss_module_return_stats_against_float64(mode, loss_type):
+def test_loss_module_return_stats_against_float64(mode, loss_type, backend):
     """``return_stats=True``: per-token statistics from the loss's own pass, equal to float64 on scored positions,
     0 elsewhere; loss and gradients exactly those of ``return_stats=False``."""
     if loss_type == "salt" and mode == "eager":
@@ -408,8 +409,8 @@ def test_loss_module_return_stats_against_float64(mode, loss_type):
         x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         module_mode = "stream" if loss_type == "salt" else mode
         extra = {"kl": 0.0} if loss_type == "kto" else {}
-        out = prefkern.FusedLinearPreferenceLoss(loss_type, mode=module_mode, return_stats=stats, **opts, **extra)(
-            x, w, labels, **kw)
+        out = prefkern.FusedLinearPreferenceLoss(loss_type, mode=module_mode, return_stats=stats, backend=backend,
+                                                 **opts, **extra)(x, w, labels, **kw)
         out.loss.backward()
         results[stats] = (out.loss.detach(), x.grad, w.grad)
         assert (out.token_stats is not None) == stats
@@ -461,6 +462,29 @@ def test_row_stats_slices_match_one_slice(monkeypatch):
     monkeypatch.setattr(LLP, "STATS_SLICE_BYTES", 2 * 4 * 23)  # two rows per slice, a short last slice
     assert torch.equal(LLP.row_stats(z, lse, y, 1.0, -100), whole)
     assert torch.all(whole[4] == 0)
+
+
+@pytest.mark.parametrize("v", [37, 2048 + 5])
+def test_triton_row_stats_against_torch_ops(v):
+    """The one-read Triton kernel against the torch-ops path: odd V, a second block, ignored rows, -inf logits
+    (a masked vocabulary), ties for the argmax (the first wins, as in torch.argmax)."""
+    import prefkern.ops.linear_logprobs as LLP
+
+    g = torch.Generator().manual_seed(14)
+    z = torch.randn(6, v, generator=g) * 4
+    z[1, : v // 2] = float("-inf")
+    z[2, 3] = z[2, v - 1] = z[2].max() + 1.0  # a tie at the top: index 3 is the argmax
+    y = torch.randint(0, v, (6,), generator=g)
+    y[2], y[4] = 3, -100
+    scaled = z * 0.8
+    m = scaled.max(-1).values
+    lse = torch.stack([m, torch.log(torch.exp(scaled - m[:, None]).sum(-1))], -1)
+    expect = LLP.row_stats(z, lse, y, 0.8, -100, backend="torch")
+    got = LLP.row_stats(z, lse, y, 0.8, -100, backend="triton")
+    assert torch.all(got[4] == 0) and got[2, 3] == 1.0
+    torch.testing.assert_close(got[:, :2], expect[:, :2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[:, 2], expect[:, 2], atol=1e-3, rtol=1e-5)  # sums of v terms of size ~4
+    assert torch.equal(got[:, 3], expect[:, 3])
 
 
 def test_return_stats_option_checks():

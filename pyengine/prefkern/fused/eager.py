@@ -103,7 +103,7 @@ def eager_gradients(
         lse_rows = torch.zeros((nr * t, 2), dtype=torch.float32, device=dev).index_copy_(0, scored, lse_scored)
         lse[rows] = lse_rows.view(nr, t, 2)
         if with_stats:
-            part = row_stats(z, lse_scored, y, transform.row_scale, ignore_index)
+            part = row_stats(z, lse_scored, y, transform.row_scale, ignore_index, backend)
             stats_rows = torch.zeros((nr * t, len(STATS)), dtype=torch.float32, device=dev).index_copy_(0, scored, part)
             stats[rows] = stats_rows.view(nr, t, len(STATS))
         z = logit_gradient(head, g.reshape(-1)[scored].contiguous(), z, y, lse_scored, ignore_index, backend, scratch)

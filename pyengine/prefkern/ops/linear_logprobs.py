@@ -63,21 +63,27 @@ STATS_SLICE_BYTES = 32 << 20  # each of row_stats' two fp32 temporaries stays wi
 
 
 def row_stats(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, row_scale: float,
-              ignore_index: int) -> torch.Tensor:
+              ignore_index: int, backend: str = "torch") -> torch.Tensor:
     """[k, 4] fp32 per-row statistics of the distribution ``softmax(row_scale * z)`` (0 on ignored rows):
     entropy, ``log sum_v p_v^2`` (WPO's weight), the sum of the scaled logits, and whether the label is the
-    argmax (1.0 / 0.0). ``lse`` [k, 2]: the row kernels' max and log-sum. Slices of rows with two temporaries
-    of at most ``STATS_SLICE_BYTES`` each, updated in place; the row kernels do not fuse these yet (about four
-    reads of the logits)."""
+    argmax (1.0 / 0.0). ``z`` [k, V] fp32, ``lse`` [k, 2]: the row kernels' max and log-sum.
+
+    With the ``triton`` backend (and ``cuda``, where Triton is installed) one Triton program per row reads the row
+    once. Otherwise torch ops on slices of rows, two temporaries of at most ``STATS_SLICE_BYTES`` each, updated in
+    place (about four reads of the logits)."""
     k, v = z.shape
     out = torch.empty((k, len(STATS)), dtype=torch.float32, device=z.device)
+    if _triton_row_stats(backend, z):
+        with device_of(z):
+            return triton_kernels("row_stats").row_stats(z, lse, labels, row_scale, ignore_index, out)
     step = max(1, STATS_SLICE_BYTES // (4 * max(v, 1)))
     for s in range(0, k, step):
         n = min(step, k - s)
         zs, part, ys = z.narrow(0, s, n), lse.narrow(0, s, n), labels.narrow(0, s, n)
         m, log_s = part[:, :1], part[:, 1]
         d = zs * row_scale - m  # log p + log s
-        entropy = log_s - (d - log_s.unsqueeze(-1)).exp_().mul_(d).sum(dim=-1)
+        # p * d is 0 * -inf = NaN at a -inf logit (a masked vocabulary entry): such entries add nothing
+        entropy = log_s - (d - log_s.unsqueeze(-1)).exp_().mul_(d).masked_fill_(d == float("-inf"), 0.0).sum(dim=-1)
         d.mul_(2.0)
         top = d.amax(dim=-1, keepdim=True)  # 0 up to rounding; -inf for a row of -inf (NaN, like its log-prob)
         log_sum_p2 = d.sub_(top).exp_().sum(dim=-1).log_() + top.squeeze(-1) - 2.0 * log_s
@@ -85,6 +91,16 @@ def row_stats(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, row_scal
             entropy, log_sum_p2, zs.sum(dim=-1) * row_scale, (zs.argmax(dim=-1) == ys).to(torch.float32),
         ], dim=-1))
     return out.masked_fill_((labels == ignore_index).unsqueeze(-1), 0.0)
+
+
+def _triton_row_stats(backend: str, z: torch.Tensor) -> bool:
+    if backend not in ("triton", "cuda") or not values_readable(z) or z.stride(-1) != 1:
+        return False
+    try:
+        triton_kernels("row_stats")
+    except ImportError:
+        return False
+    return backend == "triton" or z.is_cuda
 
 
 def logit_gradient(head: LmHeadGemms, grad: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
@@ -121,7 +137,7 @@ def chunked_forward(hidden, weight, bias, labels, ignore_index, backend, chunk_r
         part_logp, part_lse = (logp.narrow(0, s, e - s), lse.narrow(0, s, e - s)) if rows is None else \
             (logp.new_empty(e - s), lse.new_empty((e - s, 2)))
         logprobs_rows(z, y, ignore_index, transform.row_scale, backend, part_logp, part_lse)
-        part_stats = row_stats(z, part_lse, y, transform.row_scale, ignore_index) if with_stats else None
+        part_stats = row_stats(z, part_lse, y, transform.row_scale, ignore_index, backend) if with_stats else None
         if rows is None:
             if with_stats:
                 stats.narrow(0, s, e - s).copy_(part_stats)
