@@ -60,6 +60,14 @@ NB_MODULE(_native, m) {
                                            ptr<const float>(lse_parts), ptr<void>(out), out_stride);
         },
         nb::call_guard<nb::gil_scoped_release>());
+  m.def("row_stats_cpu",
+        [](u64 logits, int dtype, int64_t n, int64_t v, int64_t stride, u64 labels, int64_t ignore,
+           float inv_t, u64 lse_parts, u64 out) {
+          prefkern::check_dtype_code(dtype);
+          prefkern::cpu::row_stats(ptr<const void>(logits), dtype, n, v, stride, ptr<const int64_t>(labels), ignore,
+                                   inv_t, ptr<const float>(lse_parts), ptr<float>(out));
+        },
+        nb::call_guard<nb::gil_scoped_release>());
 #ifdef PREFKERN_HAS_CUDA
   m.def("logprobs_forward_cuda",
         [](u64 logits, int dtype, int64_t n, int64_t v, int64_t stride, u64 labels, int64_t ignore,

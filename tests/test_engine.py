@@ -464,26 +464,31 @@ def test_row_stats_slices_match_one_slice(monkeypatch):
     assert torch.all(whole[4] == 0)
 
 
+@pytest.mark.parametrize("backend", ["native", "triton"])
 @pytest.mark.parametrize("v", [37, 2048 + 5])
-def test_triton_row_stats_against_torch_ops(v):
-    """The one-read Triton kernel against the torch-ops path: odd V, a second block, ignored rows, -inf logits
-    (a masked vocabulary), ties for the argmax (the first wins, as in torch.argmax)."""
+def test_row_stats_kernels_against_torch_ops(v, backend):
+    """The one-read kernels (C++, Triton) against the torch-ops path: odd V, a second block, ignored rows, -inf
+    logits (a masked vocabulary), ties for the argmax (the first wins, as in torch.argmax), a NaN row (NaN
+    values; the NaN is the argmax, as in torch.argmax)."""
     import prefkern.ops.linear_logprobs as LLP
 
     g = torch.Generator().manual_seed(14)
-    z = torch.randn(6, v, generator=g) * 4
+    z = torch.randn(7, v, generator=g) * 4
     z[1, : v // 2] = float("-inf")
     z[2, 3] = z[2, v - 1] = z[2].max() + 1.0  # a tie at the top: index 3 is the argmax
-    y = torch.randint(0, v, (6,), generator=g)
-    y[2], y[4] = 3, -100
+    z[5, 7] = float("nan")
+    y = torch.randint(0, v, (7,), generator=g)
+    y[2], y[4], y[5] = 3, -100, 7
     scaled = z * 0.8
     m = scaled.max(-1).values
     lse = torch.stack([m, torch.log(torch.exp(scaled - m[:, None]).sum(-1))], -1)
     expect = LLP.row_stats(z, lse, y, 0.8, -100, backend="torch")
-    got = LLP.row_stats(z, lse, y, 0.8, -100, backend="triton")
-    assert torch.all(got[4] == 0) and got[2, 3] == 1.0
-    torch.testing.assert_close(got[:, :2], expect[:, :2], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got[:, 2], expect[:, 2], atol=1e-3, rtol=1e-5)  # sums of v terms of size ~4
+    assert LLP._row_stats_kernel(backend, z) == backend
+    got = LLP.row_stats(z, lse, y, 0.8, -100, backend=backend)
+    assert torch.all(got[4] == 0) and got[2, 3] == 1.0 and got[5, 3] == 1.0
+    assert torch.isnan(got[5, :2]).all() and not torch.isnan(got[[0, 1, 2, 3, 6], :3]).any()
+    torch.testing.assert_close(got[:, :2], expect[:, :2], atol=1e-5, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(got[:, 2], expect[:, 2], atol=1e-3, rtol=1e-5, equal_nan=True)  # sums of ~v terms
     assert torch.equal(got[:, 3], expect[:, 3])
 
 

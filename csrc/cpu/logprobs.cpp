@@ -107,7 +107,78 @@ void backward_impl(const float* grad, const typename D::storage* logits, int64_t
   });
 }
 
+struct RowStats {
+  float p_d, p2, z_sum;  // sum of p * d, sum of exp(2 d), sum of z (d = z - m <= 0)
+  int64_t arg;           // first argmax (NaN counts as the maximum, as in torch.argmax)
+};
+
+template <class D>
+PREFKERN_CLONES RowStats row_stats_of(const typename D::storage* row, int64_t vocab, float scale, float m,
+                                      float log_s, float* scratch) {
+  float p_d = 0.0f, p2 = 0.0f, z_sum = 0.0f, best = kNegInf;
+  int64_t arg = vocab > 0 ? 0 : -1;
+  bool nan = false;
+  for (int64_t v0 = 0; v0 < vocab; v0 += kBlock) {
+    int64_t count = std::min(kBlock, vocab - v0);
+    float lanes_pd[kLanes] = {}, lanes_p2[kLanes] = {}, lanes_z[kLanes] = {};
+    for (int64_t i = 0; i < count; ++i) scratch[i] = D::load(row[v0 + i]) * scale;
+    auto add = [&](float z, float& pd, float& q2, float& zs) {
+      float d = z - m;
+      bool live = z > kNegInf;  // 0 * -inf would be NaN
+      pd += live ? exp_nonpos(d - log_s) * d : 0.0f;
+      q2 += live ? exp_nonpos(d + d) : 0.0f;
+      zs += z;
+    };
+    int64_t i = 0;
+    for (; i + kLanes <= count; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) add(scratch[i + j], lanes_pd[j], lanes_p2[j], lanes_z[j]);
+    for (; i < count; ++i) add(scratch[i], p_d, p2, z_sum);
+    for (int j = 0; j < kLanes; ++j) p_d += lanes_pd[j], p2 += lanes_p2[j], z_sum += lanes_z[j];
+    for (int64_t k = 0; k < count && !nan; ++k) {
+      float z = scratch[k];
+      if (z != z) {
+        nan = true, arg = v0 + k;
+      } else if (z > best) {
+        best = z, arg = v0 + k;
+      }
+    }
+  }
+  return {p_d, p2, z_sum, arg};
+}
+
+template <class D>
+void row_stats_impl(const typename D::storage* logits, int64_t n_rows, int64_t vocab, int64_t row_stride,
+                    const int64_t* labels, int64_t ignore_index, float scale, const float* lse_parts, float* out) {
+  parallel_for_rows(n_rows, vocab, [&](int64_t begin, int64_t end) {
+    alignas(64) float scratch[kBlock];
+    for (int64_t n = begin; n < end; ++n) {
+      float* o = out + 4 * n;
+      int64_t y = labels[n];
+      if (y == ignore_index) {
+        std::fill(o, o + 4, 0.0f);
+        continue;
+      }
+      float m = lse_parts[2 * n], log_s = lse_parts[2 * n + 1];
+      RowStats st = row_stats_of<D>(logits + n * row_stride, vocab, scale, m, log_s, scratch);
+      o[0] = log_s - st.p_d;
+      o[1] = std::log(st.p2) - 2.0f * log_s;
+      o[2] = st.z_sum;
+      o[3] = st.arg == y ? 1.0f : 0.0f;
+    }
+  });
+}
+
 }  // namespace
+
+void row_stats(const void* logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride,
+               const int64_t* labels, int64_t ignore_index, float inv_temperature, const float* lse_parts,
+               float* out) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using D = decltype(tag);
+    row_stats_impl<D>(static_cast<const typename D::storage*>(logits), n_rows, vocab, row_stride, labels,
+                      ignore_index, inv_temperature, lse_parts, out);
+  });
+}
 
 void logprobs_forward(const void* logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride,
                       const int64_t* labels, int64_t ignore_index, float inv_temperature,

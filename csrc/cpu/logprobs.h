@@ -21,4 +21,11 @@ void logprobs_backward(const float* grad, const void* logits, int dtype, int64_t
                        float inv_temperature, const float* lse_parts, void* grad_logits,
                        int64_t grad_row_stride);
 
+// Per-row statistics of softmax(z * inv_temperature) from the forward's lse_parts, in one read of each row:
+// out[4n .. 4n+3] = entropy, log sum_v p_v^2, sum_v z * inv_temperature, 1 if the label is the first argmax
+// else 0 (fp32, [N, 4] row-major); all 0 on rows labelled ignore_index. -inf logits add nothing.
+void row_stats(const void* logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride,
+               const int64_t* labels, int64_t ignore_index, float inv_temperature, const float* lse_parts,
+               float* out);
+
 }  // namespace prefkern::cpu

@@ -24,7 +24,7 @@ from .._validation import (
     float64_backend, values_readable,
 )
 from ..dispatch import BACKENDS, resolve_backend
-from ._backends import device_of, triton_kernels
+from ._backends import device_of, dtype_code, native_module, triton_kernels
 from ..distributed.vocab_parallel import VocabParallel, resolve_vocab_parallel, vocab_parallel_linear_logprobs
 from .lm_head_gemm import IDENTITY, LmHeadGemms, LogitTransform, matched_operands
 from .logprobs import logprobs_rows, logprobs_rows_grad
@@ -68,12 +68,17 @@ def row_stats(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, row_scal
     entropy, ``log sum_v p_v^2`` (WPO's weight), the sum of the scaled logits, and whether the label is the
     argmax (1.0 / 0.0). ``z`` [k, V] fp32, ``lse`` [k, 2]: the row kernels' max and log-sum.
 
-    With the ``triton`` backend (and ``cuda``, where Triton is installed) one Triton program per row reads the row
+    The ``native`` backend (C++) and the ``triton`` backend (and ``cuda``, where Triton is installed) read each row
     once. Otherwise torch ops on slices of rows, two temporaries of at most ``STATS_SLICE_BYTES`` each, updated in
     place (about four reads of the logits)."""
     k, v = z.shape
     out = torch.empty((k, len(STATS)), dtype=torch.float32, device=z.device)
-    if _triton_row_stats(backend, z):
+    kernel = _row_stats_kernel(backend, z)
+    if kernel == "native":
+        native_module().row_stats_cpu(z.data_ptr(), dtype_code(z), k, v, z.stride(0), labels.data_ptr(), ignore_index,
+                                      row_scale, lse.data_ptr(), out.data_ptr())
+        return out
+    if kernel == "triton":
         with device_of(z):
             return triton_kernels("row_stats").row_stats(z, lse, labels, row_scale, ignore_index, out)
     step = max(1, STATS_SLICE_BYTES // (4 * max(v, 1)))
@@ -93,14 +98,19 @@ def row_stats(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, row_scal
     return out.masked_fill_((labels == ignore_index).unsqueeze(-1), 0.0)
 
 
-def _triton_row_stats(backend: str, z: torch.Tensor) -> bool:
-    if backend not in ("triton", "cuda") or not values_readable(z) or z.stride(-1) != 1:
-        return False
+def _row_stats_kernel(backend: str, z: torch.Tensor) -> Optional[str]:
+    """``"native"``, ``"triton"`` or None (torch ops) for :func:`row_stats` on ``z``."""
+    if not values_readable(z) or z.stride(-1) != 1 or z.dtype != torch.float32:
+        return None
+    if backend == "native" and not z.is_cuda:
+        return "native"
+    if backend not in ("triton", "cuda"):
+        return None
     try:
         triton_kernels("row_stats")
     except ImportError:
-        return False
-    return backend == "triton" or z.is_cuda
+        return None
+    return "triton" if backend == "triton" or z.is_cuda else None
 
 
 def logit_gradient(head: LmHeadGemms, grad: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
