@@ -320,6 +320,17 @@ def test_loss_module_compiles_fullgraph(loss_type, mode):
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-6, rtol=1e-5)
 
 
+def test_loss_module_return_stats_compiles_fullgraph():
+    torch._dynamo.reset()
+    hidden, weight, labels = _pair_inputs(seed=9)
+    ref = torch.randn(hidden.shape[0]) - 20.0
+    module = prefkern.FusedLinearPreferenceLoss("sigmoid", return_stats=True)
+    a = torch.compile(module, fullgraph=True)(hidden.clone().requires_grad_(), weight, labels, ref_logps=ref)
+    b = module(hidden.clone().requires_grad_(), weight, labels, ref_logps=ref)
+    for name in ("entropy", "log_sum_p2", "logit_sum", "top1"):
+        torch.testing.assert_close(getattr(a.token_stats, name), getattr(b.token_stats, name), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("value", [2 ** 70, -(2 ** 64)])
 def test_absurd_ignore_index_is_named(value):
     hidden, weight, labels = _pair_inputs()
