@@ -1,4 +1,10 @@
-"""Token log-probs from logits: an online log-sum-exp forward and a one-pass gradient backward."""
+"""Token log-probs from logits: an online log-sum-exp forward and a one-pass gradient backward.
+
+Row loops are peeled for 16-byte loads: a row starting at element s = row * stride begins its aligned body
+h = (-s) mod VEC elements in (VEC = 16 / element size, the base pointer taken as 16-byte aligned, as Triton
+specialises it); the body [h, h + n_body), n_body a multiple of VEC, is read in tiles whose pointers and masks are
+provably VEC-aligned, and the head [0, h) and the tail [h + n_body, V) (each < VEC elements) in one small block.
+A misaligned base pointer gives the same results, with narrower loads."""
 
 from __future__ import annotations
 
@@ -7,7 +13,40 @@ import triton
 import triton.language as tl
 
 
-@triton.heuristics({"EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0})
+def _vec(args, name):
+    return 16 // args[name].element_size()
+
+
+@triton.jit
+def row_split(row_start, V, VEC: tl.constexpr):
+    """(head, n_body): the row's first 16-byte boundary lies ``head`` elements in, its aligned body is
+    [head, head + n_body) with n_body a multiple of VEC; [head + n_body, V) is the tail."""
+    head = ((VEC - row_start % VEC) % VEC).to(tl.int32)
+    head = tl.minimum(head, V)
+    n_body = (V - head) // VEC * VEC
+    return head, n_body
+
+
+@triton.jit
+def edge_cols(head, n_body, V, VEC: tl.constexpr):
+    """Columns of the head [0, head) and of the tail [head + n_body, V) as one 2 * VEC block, and its mask."""
+    j = tl.arange(0, 2 * VEC)
+    cols = tl.where(j < VEC, j, head + n_body + (j - VEC))
+    ok = tl.where(j < VEC, j < head, cols < V)
+    return cols, ok
+
+
+@triton.jit
+def _lse_update(m, s, nan, z):
+    # max on a GPU drops NaN, and an all -inf block resets the sum below: count NaN on its own
+    nan += tl.sum((z != z).to(tl.int32), axis=0)
+    new_m = tl.maximum(m, tl.max(z, axis=0))
+    # a block (or prefix) of -inf logits leaves the sum at 0 instead of producing inf - inf
+    s = tl.where(new_m == -float("inf"), 0.0, s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0))
+    return new_m, s, nan
+
+
+@triton.heuristics({"VEC": lambda args: _vec(args, "logits_ptr")})
 @triton.jit
 def _logprobs_forward_kernel(
     # pointers
@@ -19,26 +58,20 @@ def _logprobs_forward_kernel(
     # scalars
     ignore_index, scale,
     # meta
-    BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_logits_n
-    m = -float("inf")
-    s = 0.0
-    nan = 0
-    for v0 in range(0, V, BLOCK_V):
+    start = row * stride_logits_n
+    row_ptr = logits_ptr + start
+    head, n_body = row_split(start, V, VEC)
+    cols, ok = edge_cols(head, n_body, V, VEC)
+    z = tl.load(row_ptr + cols, mask=ok, other=-float("inf")).to(tl.float32) * scale
+    m, s, nan = _lse_update(-float("inf"), 0.0, 0, z)
+    body_ptr = logits_ptr + tl.multiple_of(start + head, VEC)
+    for v0 in range(0, n_body, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
-        if EVEN_V:
-            x = tl.load(row_ptr + offs)
-        else:
-            x = tl.load(row_ptr + offs, mask=offs < V, other=-float("inf"))
-        z = x.to(tl.float32) * scale
-        # max on a GPU drops NaN, and an all -inf block resets the sum below: count NaN on its own
-        nan += tl.sum((z != z).to(tl.int32), axis=0)
-        new_m = tl.maximum(m, tl.max(z, axis=0))
-        # a block (or prefix) of -inf logits leaves the sum at 0 instead of producing inf - inf
-        s = tl.where(new_m == -float("inf"), 0.0, s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0))
-        m = new_m
+        x = tl.load(body_ptr + offs, mask=offs < n_body, other=-float("inf"))
+        m, s, nan = _lse_update(m, s, nan, x.to(tl.float32) * scale)
     m = tl.where(nan > 0, float("nan"), m)
     log_s = tl.where(nan > 0, float("nan"), tl.log(s))
     y = tl.load(labels_ptr + row).to(tl.int64)
@@ -52,7 +85,19 @@ def _logprobs_forward_kernel(
     tl.store(logp_ptr + row, tl.where(valid, tl.where(in_range, (zy - m) - log_s, float("nan")), 0.0))
 
 
-@triton.heuristics({"EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0})
+@triton.jit
+def _grad_block(x, cols, y, gs, m, log_s, scale, ignored):
+    p = tl.exp((x.to(tl.float32) * scale - m) - log_s)
+    # an ignored row's gradient is exactly 0, whatever its logits hold (0 * NaN would be NaN)
+    return tl.where(ignored, 0.0, gs * (tl.where(cols == y, 1.0, 0.0) - p))
+
+
+@triton.heuristics({
+    "VEC": lambda args: _vec(args, "logits_ptr"),
+    # out at the same element offsets as logits (in place, or the same layout): its body stores are aligned too
+    "SAME_LAYOUT": lambda args: args["stride_logits_n"] == args["stride_grad_logits_n"]
+    and args["grad_logits_ptr"].element_size() == args["logits_ptr"].element_size(),
+})
 @triton.jit
 def _logprobs_backward_kernel(
     # pointers
@@ -64,27 +109,38 @@ def _logprobs_backward_kernel(
     # scalars
     ignore_index, scale,
     # meta
-    BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr, SAME_LAYOUT: tl.constexpr,
 ):
+    """Program (row, j): body tile j of the row; program (row, 0) also the head and tail elements."""
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    j = tl.program_id(1)
     y = tl.load(labels_ptr + row).to(tl.int64)
+    ignored = y == ignore_index
     g = tl.load(grad_ptr + row)
-    gs = tl.where(y == ignore_index, 0.0, g * scale)
+    gs = tl.where(ignored, 0.0, g * scale)
     m = tl.load(lse_ptr + 2 * row)
     log_s = tl.load(lse_ptr + 2 * row + 1)
-    if EVEN_V:
-        x = tl.load(logits_ptr + row * stride_logits_n + offs)
+    start = row * stride_logits_n
+    if SAME_LAYOUT:
+        out_start = start
     else:
-        x = tl.load(logits_ptr + row * stride_logits_n + offs, mask=offs < V, other=0.0)
-    p = tl.exp((x.to(tl.float32) * scale - m) - log_s)
-    # an ignored row's gradient is exactly 0, whatever its logits hold (0 * NaN would be NaN)
-    d = tl.where(y == ignore_index, 0.0, gs * (tl.where(offs == y, 1.0, 0.0) - p))
-    out = grad_logits_ptr + row * stride_grad_logits_n + offs
-    if EVEN_V:
-        tl.store(out, d.to(grad_logits_ptr.dtype.element_ty))
+        out_start = row * stride_grad_logits_n
+    head, n_body = row_split(start, V, VEC)
+    out_ty = grad_logits_ptr.dtype.element_ty
+    if j == 0:
+        cols, ok = edge_cols(head, n_body, V, VEC)
+        x = tl.load(logits_ptr + start + cols, mask=ok, other=0.0)
+        d = _grad_block(x, cols, y, gs, m, log_s, scale, ignored)
+        tl.store(grad_logits_ptr + out_start + cols, d.to(out_ty), mask=ok)
+    offs = j * BLOCK_V + tl.arange(0, BLOCK_V)
+    inb = offs < n_body
+    x = tl.load(logits_ptr + tl.multiple_of(start + head, VEC) + offs, mask=inb, other=0.0)
+    d = _grad_block(x, head + offs, y, gs, m, log_s, scale, ignored)
+    if SAME_LAYOUT:
+        out = grad_logits_ptr + tl.multiple_of(out_start + head, VEC) + offs
     else:
-        tl.store(out, d.to(grad_logits_ptr.dtype.element_ty), mask=offs < V)
+        out = grad_logits_ptr + out_start + head + offs
+    tl.store(out, d.to(out_ty), mask=inb)
 
 
 def _block_v(vocab: int) -> int:
@@ -143,15 +199,15 @@ TRITON_KERNELS = {
         _logprobs_forward_kernel.fn,
         {"logits_ptr": "*bf16", "labels_ptr": "*i64", "logp_ptr": "*fp32", "lse_ptr": "*fp32",
          "V": "i32", "stride_logits_n": "i64", "ignore_index": "i64", "scale": "fp32",
-         "BLOCK_V": "constexpr", "EVEN_V": "constexpr"},
-        {"BLOCK_V": 4096, "EVEN_V": False},
+         "BLOCK_V": "constexpr", "VEC": "constexpr"},
+        {"BLOCK_V": 4096, "VEC": 8},
     ),
     "logprobs_backward": (
         _logprobs_backward_kernel.fn,
         {"grad_ptr": "*fp32", "logits_ptr": "*bf16", "labels_ptr": "*i64", "lse_ptr": "*fp32",
          "grad_logits_ptr": "*bf16", "V": "i32", "stride_logits_n": "i64",
          "stride_grad_logits_n": "i64", "ignore_index": "i64", "scale": "fp32",
-         "BLOCK_V": "constexpr", "EVEN_V": "constexpr"},
-        {"BLOCK_V": 2048, "EVEN_V": False},
+         "BLOCK_V": "constexpr", "VEC": "constexpr", "SAME_LAYOUT": "constexpr"},
+        {"BLOCK_V": 2048, "VEC": 8, "SAME_LAYOUT": True},
     ),
 }

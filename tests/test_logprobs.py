@@ -236,3 +236,47 @@ def test_kernels_write_nan_for_out_of_range_labels():
         assert logp[4] == 0, name
         keep = [0, 2, 5]
         torch.testing.assert_close(logp[keep].double(), want[keep], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def _triton_or_skip():
+    if "triton" not in cpu_backends():
+        pytest.skip("triton cannot run here")
+    from prefkern.kernels import logprobs as row_kernels
+
+    return row_kernels
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("v,pad,shift", [(37, 0, 0), (37, 3, 1), (50257, 0, 0), (50257, 5, 3), (4099, 7, 0)])
+def test_triton_peeled_rows_odd_vocab_and_strides(dtype, v, pad, shift):
+    """Rows starting anywhere within a 16-byte group (odd V, row strides that are not multiples of 8, a view
+    starting ``shift`` elements in): head, aligned body and tail together give what the truth gives."""
+    row_kernels = _triton_or_skip()
+    n = 3 if v > 5000 else 6
+    base = (torch.randn(n, v + pad + shift) * 3).to(dtype)
+    logits = base[:, shift:shift + v]
+    labels = torch.randint(0, v, (n,))
+    labels[1] = 0  # the head
+    labels[2] = v - 1  # the tail
+    if n > 3:
+        labels[4] = -100
+    logp, lse = row_kernels.logprobs_forward(logits, labels, -100, 0.9)
+    ref64 = truth(logits, labels, 1 / 0.9)
+    torch_d = reference.logprobs(logits, labels, temperature=1 / 0.9, compute_dtype=dtype)
+    assert_within_torch_error(logp, torch_d, ref64, dtype, "logp")
+    g = torch.randn(n)
+    grad64 = grads_of(lambda x, y: truth(x, y, 1 / 0.9), logits.double(), labels, g.double())
+    grad_d = grads_of(lambda x, y: reference.logprobs(x, y, temperature=1 / 0.9, compute_dtype=dtype), logits, labels,
+                      g.to(dtype))
+    new = row_kernels.logprobs_backward(g, logits, labels, lse, -100, 0.9)
+    other = torch.full((n, v + 11), 7.0, dtype=dtype)  # another row stride: stores not at the logits' offsets
+    row_kernels.logprobs_backward(g, logits, labels, lse, -100, 0.9, out=other[:, 2:2 + v])
+    inplace = base.clone()
+    row_kernels.logprobs_backward(g, inplace[:, shift:shift + v], labels, lse, -100, 0.9,
+                                  out=inplace[:, shift:shift + v])
+    for name, grad in (("new", new), ("other stride", other[:, 2:2 + v]), ("in place", inplace[:, shift:shift + v])):
+        assert_within_torch_error(grad, grad_d, grad64, dtype, f"grad ({name})")
+    assert torch.equal(new, other[:, 2:2 + v]) and torch.equal(new, inplace[:, shift:shift + v])
+    # nothing outside the rows is written
+    assert bool((other[:, :2] == 7).all()) and bool((other[:, 2 + v:] == 7).all())
+    assert torch.equal(inplace[:, :shift], base[:, :shift]) and torch.equal(inplace[:, shift + v:], base[:, shift + v:])

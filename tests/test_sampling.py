@@ -358,3 +358,115 @@ def test_more_than_2_pow_31_elements_native():
                                         backend="native", **kw)
         assert tokens.tolist() == [7, 3, 7], kw
         assert logps.abs().max() < 1e-6, kw
+
+
+# ---- Triton: peeled rows, noise bounds, skipped tiles ------------------------------------------------
+
+def _triton_or_skip():
+    if not backend_status("triton", CPU)[0]:
+        pytest.skip("triton cannot run here")
+
+
+def test_gumbel_noise_bounds_hold():
+    """G_MIN / G_MAX bound g = -log(-log u) over every u = (2k + 1) 2^-24 of the stream: the float64 extremes
+    (g is increasing in u: k = 0 and k = 2^23 - 1) lie inside, within 1e-4, and so does the float32 noise."""
+    pytest.importorskip("triton")
+    from prefkern.kernels import sampling as kernels
+
+    g_min, g_max = float(kernels.G_MIN.value), float(kernels.G_MAX.value)
+    u = [2.0**-24, 1.0 - 2.0**-24]
+    exact = [-math.log(-math.log(x)) for x in u]
+    assert g_min < exact[0] < g_min + 1e-4 and g_max - 1e-4 < exact[1] < g_max
+    k = torch.cat([torch.arange(0, 4096), torch.arange(2**23 - 4096, 2**23), torch.randint(0, 2**23, (100_000,))])
+    u32 = ((2 * k + 1).double() * 2.0**-24).float()
+    g32 = -torch.log(-torch.log(u32))
+    assert float(g32.min()) >= g_min and float(g32.max()) <= g_max
+    # and in float32 the bounds are what the kernels add: rounding to float32 keeps them outside
+    assert float(torch.tensor(g_min)) < exact[0] and float(torch.tensor(g_max)) > exact[1]
+    noise = reference.sampling_gumbel(reference.sampling_row_key(torch.tensor([5]), torch.tensor([0]),
+                                                                 torch.tensor([0])).unsqueeze(-1),
+                                      torch.arange(200_000))
+    assert g_min <= float(noise.min()) and float(noise.max()) <= g_max
+
+
+try:  # a kernel that writes the Triton noise of one row key (jitted at module level: Triton resolves globals)
+    import triton
+    import triton.language as tl
+    from prefkern.kernels import sampling as triton_sampling
+
+    @triton.jit
+    def _noise_kernel(out_ptr, key, N: tl.constexpr):
+        cols = tl.arange(0, N)
+        tl.store(out_ptr + cols, triton_sampling._gumbel(key, cols))
+except ImportError:
+    _noise_kernel = None
+
+
+def test_triton_noise_matches_the_reference_stream():
+    """The Triton noise (its outer log a short polynomial) is the torch stream's within float32 rounding of
+    values up to 16.6 (1 ulp = 1.9e-6), and inside [G_MIN, G_MAX], over 2^20 columns of one row key."""
+    _triton_or_skip()
+    n = 1 << 20
+    key = reference.sampling_row_key(torch.tensor([5]), torch.tensor([0]), torch.tensor([0]))
+    out = torch.empty(n)
+    _noise_kernel[(1,)](out, int(key), n)
+    ref = reference.sampling_gumbel(key.unsqueeze(-1), torch.arange(n))[0]
+    assert float((out - ref).abs().max()) <= 1.5e-6
+    g_min, g_max = float(triton_sampling.G_MIN.value), float(triton_sampling.G_MAX.value)
+    assert g_min <= float(out.min()) and float(out.max()) <= g_max
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.0}, {"top_k": 5}, {"top_p": 0.9}, {"min_p": 0.1},
+                                {"top_k": 12, "top_p": 0.8}])
+@pytest.mark.parametrize("v,pad,shift", [(37, 0, 0), (37, 5, 1), (5003, 3, 0)])
+def test_triton_peeled_rows_match_torch(dtype, kw, v, pad, shift):
+    """Odd V, row strides that are not multiples of 8 and a view starting ``shift`` elements in: every row
+    starts somewhere else in its 16-byte group, so each has a head, an aligned body and a tail. Same tokens
+    as the torch stream, the maximum (for greedy rows) put in the head, the tail or the body."""
+    _triton_or_skip()
+    r = 6
+    base = (torch.randn(r, v + pad + shift) * 2).to(dtype)
+    x = base[:, shift:shift + v]
+    x[0, 0] = 40.0  # head of row 0 only if the row is misaligned; row 0 starts the buffer
+    x[1, 1] = 40.0  # in the head of row 1 (it starts 1 element after a 16-byte boundary at most)
+    x[2, v - 1] = 40.0  # the tail
+    x[3, v // 2] = 40.0  # the body
+    seed = torch.arange(r) + 17
+    offset = torch.arange(r) * 3
+    ours, lp = prefkern.sample(x, seed=seed, offset=offset, backend="triton", return_logprobs=True, **kw)
+    ref, lp_ref = prefkern.sample(x, seed=seed, offset=offset, backend="torch", return_logprobs=True, **kw)
+    assert torch.equal(ours, ref)
+    torch.testing.assert_close(lp, lp_ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_greedy_ties_across_head_tail_and_chunks(dtype):
+    """Tied maxima: the lowest column wins wherever the copies sit (pass-1 program 0 also holds the row's tail,
+    its highest columns)."""
+    _triton_or_skip()
+    v = 5003  # fp32 row 1 starts at 5003: head 1, tail 5001..5002; bf16: head 5, tail 4997..5002
+    x = torch.randn(4, v)
+    x[0, [0, 4000]] = 9.0  # head (row 0 starts aligned: column 0 is the body) and another chunk
+    x[1, [3000, 5002]] = 9.0  # chunk 1 and the tail of chunk 0's program
+    x[2, [0, 5002]] = 9.0
+    x[3, [2500, 2501, 4999]] = 9.0
+    tokens = prefkern.sample(x.to(dtype), temperature=0.0, backend="triton")
+    assert tokens.tolist() == [0, 3000, 0, 2500]
+
+
+def test_triton_skipped_tiles_give_the_same_tokens():
+    """Rows whose bulk lies far below the maximum: tiles that cannot beat a key already seen (tile max + G_MAX
+    below it) skip the noise, in pass 1 (V = 20000: two tiles per program, the first holding a large logit) and
+    in the draw. The tokens are still the torch stream's, for several seeds."""
+    _triton_or_skip()
+    r, v = 6, 20000
+    x = torch.randn(r, v) - 40.0
+    x[:, ::4096] = torch.randn(r, 5)  # the first tile of every pass-1 program
+    x[:, 4100] = -19.0  # just above the skip bound of a tile after a key of about 0: drawn, not skipped
+    x[torch.arange(r), torch.randint(0, v, (r,))] = torch.randn(r) + 1.0
+    for kw in ({}, {"min_p": 1e-9}, {"top_k": 4}):
+        for seed in range(2):
+            ours = prefkern.sample(x, seed=seed, backend="triton", **kw)
+            ref = prefkern.sample(x, seed=seed, backend="torch", **kw)
+            assert torch.equal(ours, ref), (kw, seed)

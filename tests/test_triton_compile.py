@@ -57,7 +57,8 @@ def test_every_triton_kernel_compiles_for_sm80_and_sm90(compile_results):
 # strides as constexpr 1, 16-divisible pointers and sizes --, num_warps, num_stages, block sizes and
 # other options), and ptxas -v, run as Triton runs it, reports registers and spills.
 COMPILE_AS_LAUNCHED = r"""
-import json, subprocess, sys, tempfile
+import json, re, subprocess, sys, tempfile
+from collections import Counter
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
@@ -95,6 +96,17 @@ LL.linear_lse_backward(g, hidden, weight, None, labels, lse, -100, True, True, F
 label[0] = "sampling bf16 [R, V]"
 rows = empty(R, dtype=torch.int64)
 SA.sample(empty(R, V, dtype=bf16), rows, empty(R), rows, empty(R), empty(R), rows, rows)
+# an odd vocabulary: no row but the first starts on a 16-byte boundary, so only peeled row loops load 16 bytes
+V_ODD = 50257
+label[0] = "odd V: logprobs bf16 [N, V]"
+LP.logprobs_forward(empty(N, V_ODD, dtype=bf16), labels, -100, 1.0)
+LP.logprobs_backward(g, empty(N, V_ODD, dtype=bf16), labels, lse, -100, 1.0)
+label[0] = "odd V: logprobs fp32 chunk, in place"
+buf = empty(K, V_ODD)
+LP.logprobs_forward(buf, labels[:K], -100, 1.0)
+LP.logprobs_backward(g[:K], buf, labels[:K], lse[:K], -100, 1.0, out=buf)
+label[0] = "odd V: sampling bf16 [R, V]"
+SA.sample(empty(R, V_ODD, dtype=bf16), rows, empty(R), rows, empty(R), empty(R), rows, rows)
 
 cap = int(sys.argv[1])
 target = GPUTarget("cuda", cap, 32)
@@ -113,7 +125,10 @@ for what, fn, args, kw in launches:
             cmd = [get_ptxas(cap).path, "-v", *fmad, "--regAllocOptLevel=2",
                    f"--gpu-name={sm_arch_from_capability(cap)}", f"{d}/k.ptx", "-o", f"{d}/k.o"]
             ptxas = subprocess.run(cmd, capture_output=True, text=True)
+        # global memory accesses by width, e.g. {"ld.global.v4.b32": 2, "ld.global.b16": 1}
+        access = Counter(re.findall(r"\b((?:ld|st)\.global(?:\.[a-z]+)*?(?:\.v[248])?\.[bfsu]\d+)\b", c.asm["ptx"]))
         entry.update(num_warps=options.num_warps, num_stages=options.num_stages, shared=c.metadata.shared,
+                     global_access=dict(access),
                      constexprs={fn.arg_names[k[0]]: v for k, v in constexprs.items()},
                      ptxas_rc=ptxas.returncode, ptxas=ptxas.stderr[-2000:])
     except Exception:
@@ -161,6 +176,32 @@ def test_kernels_compile_as_launched_without_spills(launched_compiles, cap):
         if r["shared"] > SHARED_LIMIT[cap]:
             problems.append(f"{where}: {r['shared']} bytes of shared memory > {SHARED_LIMIT[cap]}")
     assert not problems, "\n\n".join(problems)
+
+
+def _widest_bytes(access, op):
+    """Bytes of the widest global access of kind ``op`` ("ld" or "st") in a {"ld.global.v4.b32": count} map."""
+    widths = [0]
+    for name in access:
+        m = re.fullmatch(rf"{op}\.global[\w.:]*?(?:\.v(\d))?\.[bfsu](\d+)", name)
+        if m:
+            widths.append(int(m.group(1) or 1) * int(m.group(2)) // 8)
+    return max(widths)
+
+
+# row kernels whose row reads (and, for the backward, writes) must be 16 bytes wide at any vocabulary
+PEELED = {"_logprobs_forward_kernel": ("ld",), "_logprobs_backward_kernel": ("ld", "st"),
+          "_sample_partial_kernel": ("ld",)}
+
+
+@pytest.mark.parametrize("cap", sorted(SHARED_LIMIT))
+def test_odd_vocabulary_rows_load_16_bytes(launched_compiles, cap):
+    """V = 50257: rows start on any 2-byte (bf16) or 4-byte (fp32) boundary. The row loops peel each row's
+    misaligned head, so the body's loads (and the backward's stores) still compile to 16-byte accesses."""
+    odd = [r for r in launched_compiles[cap] if r["launch"].startswith("odd V") and r["kernel"] in PEELED]
+    assert {r["kernel"] for r in odd} == set(PEELED)
+    narrow = [f"{r['launch']}: {r['kernel']} {op} {r['global_access']}" for r in odd for op in PEELED[r["kernel"]]
+              if "error" not in r and _widest_bytes(r["global_access"], op) < 16]
+    assert not narrow, "\n".join(narrow)
 
 
 def test_launchers_pass_their_configs(launched_compiles):
