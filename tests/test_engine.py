@@ -495,12 +495,16 @@ def test_row_stats_kernels_against_torch_ops(v, backend):
     lse = torch.stack([m, torch.log(torch.exp(scaled - m[:, None]).sum(-1))], -1)
     expect = LLP.row_stats(z, lse, y, 0.8, -100, backend="torch")
     assert LLP._row_stats_kernel(backend, z) == backend
-    got = LLP.row_stats(z, lse, y, 0.8, -100, backend=backend)
-    assert torch.all(got[4] == 0) and got[2, 3] == 1.0 and got[5, 3] == 1.0
-    assert torch.isnan(got[5, :2]).all() and not torch.isnan(got[[0, 1, 2, 3, 6], :3]).any()
-    torch.testing.assert_close(got[:, :2], expect[:, :2], atol=1e-5, rtol=1e-5, equal_nan=True)
-    torch.testing.assert_close(got[:, 2], expect[:, 2], atol=1e-3, rtol=1e-5, equal_nan=True)  # sums of ~v terms
-    assert torch.equal(got[:, 3], expect[:, 3])
+    # the same rows in a wider buffer, one column in: another row stride and a base 4 bytes off alignment
+    wide = torch.full((7, v + 3), 123.0)
+    wide[:, 1:v + 1] = z
+    for rows in (z, wide[:, 1:v + 1]):
+        got = LLP.row_stats(rows, lse, y, 0.8, -100, backend=backend)
+        assert torch.all(got[4] == 0) and got[2, 3] == 1.0 and got[5, 3] == 1.0
+        assert torch.isnan(got[5, :2]).all() and not torch.isnan(got[[0, 1, 2, 3, 6], :3]).any()
+        torch.testing.assert_close(got[:, :2], expect[:, :2], atol=1e-5, rtol=1e-5, equal_nan=True)
+        torch.testing.assert_close(got[:, 2], expect[:, 2], atol=1e-3, rtol=1e-5, equal_nan=True)  # sums of ~v terms
+        assert torch.equal(got[:, 3], expect[:, 3])
 
 
 def test_return_stats_option_checks():

@@ -52,91 +52,13 @@ def test_every_triton_kernel_compiles_for_sm80_and_sm90(compile_results):
     assert not failed, "\n".join(f"{k}:\n{v}" for k, v in failed.items())
 
 
-# Every launcher run on meta tensors of realistic shapes with the launch intercepted: each kernel is then
-# compiled exactly as its launcher would have it compiled on a GPU (argument specialisation -- unit
-# strides as constexpr 1, 16-divisible pointers and sizes --, num_warps, num_stages, block sizes and
-# other options), and ptxas -v, run as Triton runs it, reports registers and spills.
-COMPILE_AS_LAUNCHED = r"""
-import json, re, subprocess, sys, tempfile
-from collections import Counter
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-from triton.compiler import ASTSource, make_backend
-from triton.runtime.jit import JITFunction, create_function_from_signature
+# Every launcher run on meta tensors of realistic shapes with the launch intercepted (benchmarks/launched.py): each
+# kernel is then compiled exactly as its launcher would have it compiled on a GPU (argument specialisation -- unit
+# strides as constexpr 1, 16-divisible pointers and sizes --, num_warps, num_stages, block sizes and other
+# options), and ptxas -v, run as Triton runs it, reports registers and spills; the PTX gives the global accesses
+# by width.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import prefkern.kernels.linear_logprobs as LL
-import prefkern.kernels.logprobs as LP
-import prefkern.kernels.sampling as SA
-
-launches = []
-label = [None]
-JITFunction.run = lambda self, *args, grid, warmup, **kw: launches.append((label[0], self, args, kw))
-LL._on_gpu = lambda t: True  # the tile sizes a GPU gets, not the interpreter's
-LL._sm_count = lambda device: 132
-
-meta, bf16, f32 = torch.device("meta"), torch.bfloat16, torch.float32
-def empty(*shape, dtype=f32):
-    return torch.empty(*shape, dtype=dtype, device=meta)
-
-N, V, H, R = 8192, 128256, 4096, 256
-K = (128 << 20) // (4 * V)  # rows of the chunked path's default 128 MB fp32 logits buffer on a GPU
-labels, g, lse = empty(N, dtype=torch.int64), empty(N), empty(N, 2)
-label[0] = "logprobs bf16 [N, V]"
-LP.logprobs_forward(empty(N, V, dtype=bf16), labels, -100, 1.0)
-LP.logprobs_backward(g, empty(N, V, dtype=bf16), labels, lse, -100, 1.0)
-label[0] = "logprobs fp32 chunk, in place"
-buf = empty(K, V)
-LP.logprobs_forward(buf, labels[:K], -100, 1.0)
-LP.logprobs_backward(g[:K], buf, labels[:K], lse[:K], -100, 1.0, out=buf)
-label[0] = "linear_logprobs bf16 [N, H] x [V, H]"
-hidden, weight = empty(N, H, dtype=bf16), empty(V, H, dtype=bf16)
-LL.linear_lse_forward(hidden, weight, None, labels, -100)
-LL.linear_lse_backward(g, hidden, weight, None, labels, lse, -100, True, True, False)
-label[0] = "sampling bf16 [R, V]"
-rows = empty(R, dtype=torch.int64)
-SA.sample(empty(R, V, dtype=bf16), rows, empty(R), rows, empty(R), empty(R), rows, rows)
-# an odd vocabulary: no row but the first starts on a 16-byte boundary, so only peeled row loops load 16 bytes
-V_ODD = 50257
-label[0] = "odd V: logprobs bf16 [N, V]"
-LP.logprobs_forward(empty(N, V_ODD, dtype=bf16), labels, -100, 1.0)
-LP.logprobs_backward(g, empty(N, V_ODD, dtype=bf16), labels, lse, -100, 1.0)
-label[0] = "odd V: logprobs fp32 chunk, in place"
-buf = empty(K, V_ODD)
-LP.logprobs_forward(buf, labels[:K], -100, 1.0)
-LP.logprobs_backward(g[:K], buf, labels[:K], lse[:K], -100, 1.0, out=buf)
-label[0] = "odd V: sampling bf16 [R, V]"
-SA.sample(empty(R, V_ODD, dtype=bf16), rows, empty(R), rows, empty(R), empty(R), rows, rows)
-
-cap = int(sys.argv[1])
-target = GPUTarget("cuda", cap, 32)
-backend = make_backend(target)
-results = []
-for what, fn, args, kw in launches:
-    entry = {"launch": what, "kernel": fn.__name__}
-    try:
-        bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kw)
-        options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, spec, opts)
-        c = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
-        with tempfile.TemporaryDirectory() as d:
-            with open(f"{d}/k.ptx", "w") as f:
-                f.write(c.asm["ptx"])
-            fmad = [] if options.enable_fp_fusion else ["--fmad=false"]
-            cmd = [get_ptxas(cap).path, "-v", *fmad, "--regAllocOptLevel=2",
-                   f"--gpu-name={sm_arch_from_capability(cap)}", f"{d}/k.ptx", "-o", f"{d}/k.o"]
-            ptxas = subprocess.run(cmd, capture_output=True, text=True)
-        # global memory accesses by width, e.g. {"ld.global.v4.b32": 2, "ld.global.b16": 1}
-        access = Counter(re.findall(r"\b((?:ld|st)\.global(?:\.[a-z]+)*?(?:\.v[248])?\.[bfsu]\d+)\b", c.asm["ptx"]))
-        entry.update(num_warps=options.num_warps, num_stages=options.num_stages, shared=c.metadata.shared,
-                     global_access=dict(access),
-                     constexprs={fn.arg_names[k[0]]: v for k, v in constexprs.items()},
-                     ptxas_rc=ptxas.returncode, ptxas=ptxas.stderr[-2000:])
-    except Exception:
-        import traceback
-        entry["error"] = traceback.format_exc(limit=4)
-    results.append(entry)
-print(json.dumps(results))
-"""
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -144,8 +66,8 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 @pytest.fixture(scope="module")
 def launched_compiles():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = {cap: subprocess.Popen([sys.executable, "-c", COMPILE_AS_LAUNCHED, str(cap)], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, env=env) for cap in SHARED_LIMIT}
+    procs = {cap: subprocess.Popen([sys.executable, "-m", "benchmarks.launched", str(cap)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT) for cap in SHARED_LIMIT}
     out = {}
     for cap, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=600)
@@ -159,7 +81,8 @@ def test_kernels_compile_as_launched_without_spills(launched_compiles, cap):
     results = launched_compiles[cap]
     names = {r["kernel"] for r in results}
     assert names == {"_logprobs_forward_kernel", "_logprobs_backward_kernel", "_linear_lse_forward_kernel",
-                     "_linear_lse_backward_kernel", "_sample_partial_kernel", "_sample_finish_kernel"}, names
+                     "_linear_lse_backward_kernel", "_sample_partial_kernel", "_sample_finish_kernel",
+                     "_row_stats_kernel"}, names
     problems = []
     for r in results:
         where = f"{r['launch']}: {r['kernel']} @ sm_{cap}"
@@ -190,7 +113,7 @@ def _widest_bytes(access, op):
 
 # row kernels whose row reads (and, for the backward, writes) must be 16 bytes wide at any vocabulary
 PEELED = {"_logprobs_forward_kernel": ("ld",), "_logprobs_backward_kernel": ("ld", "st"),
-          "_sample_partial_kernel": ("ld",)}
+          "_sample_partial_kernel": ("ld",), "_row_stats_kernel": ("ld",)}
 
 
 @pytest.mark.parametrize("cap", sorted(SHARED_LIMIT))
