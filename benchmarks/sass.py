@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 _TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 _FUNC = re.compile(r"^\.text\.(\S+):")
+_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
+MIN_LOOP_INSTRUCTIONS = 64
 _LDG_BYTES = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
 
 
@@ -43,6 +46,7 @@ class Instr:
     addr: int
     opcode: str
     operands: str
+    source: tuple = ("", 0)  # (file, line) of the line-table entry in force (nvdisasm -g)
 
 
 @dataclass
@@ -55,6 +59,7 @@ class LoopCounts:
     shfl: int
     bar: int
     load_bytes: int
+    where: str = ""  # source lines of the loop body in the kernel's own file, e.g. "sampling.py:212-240"
 
     def per_element(self, elem_bytes: int) -> tuple[float, float]:
         """(instructions, MUFU) per element of ``elem_bytes`` loaded in this loop."""
@@ -63,15 +68,20 @@ class LoopCounts:
 
 
 def parse_functions(sass: str) -> dict[str, tuple[list[Instr], dict[str, int]]]:
-    """{function: (instructions, {label: address})} from ``nvdisasm -c`` output."""
+    """{function: (instructions, {label: address})} from ``nvdisasm -c -g`` output."""
     functions: dict = {}
     current = None
     pending_labels: list[str] = []
+    source = ("", 0)
     for line in sass.splitlines():
         stripped = line.strip()
         func = _FUNC.match(stripped)
         if func:
             current = functions.setdefault(func.group(1), ([], {}))
+            continue
+        loc = _LINE.search(stripped)
+        if loc:
+            source = (loc.group(1), int(loc.group(2)))
             continue
         label = _LABEL.match(stripped)
         if label:
@@ -83,7 +93,7 @@ def parse_functions(sass: str) -> dict[str, tuple[list[Instr], dict[str, int]]]:
             for name in pending_labels:
                 current[1][name] = addr
             pending_labels = []
-            current[0].append(Instr(addr, instr.group(2), instr.group(3)))
+            current[0].append(Instr(addr, instr.group(2), instr.group(3), source))
     return functions
 
 
@@ -100,13 +110,29 @@ def _counts(name: str, body: list[Instr]) -> LoopCounts:
     def count(prefix):
         return sum(i.opcode.startswith(prefix) for i in body)
     return LoopCounts(name, body[0].addr, body[-1].addr, len(body), count("MUFU"), count("SHFL"), count("BAR"),
-                      sum(_load_bytes(i) for i in body))
+                      sum(_load_bytes(i) for i in body), _source_span(body))
 
 
-def innermost_loops(name: str, instrs: list[Instr], labels: dict[str, int]) -> list[LoopCounts]:
+def _source_span(body: list[Instr]) -> str:
+    """Where the loop reads its row: ``file:line`` of its first global load when that lies in a kernel source
+    (.py, .cu), else the span of lines of the loop's most frequent kernel source (the CUDA row reader's loads sit
+    in a shared header)."""
+    kernel_file = re.compile(r"\.(py|cu)$")
+    for i in body:
+        if i.opcode.startswith("LDG") and kernel_file.search(i.source[0]):
+            return f"{os.path.basename(i.source[0])}:{i.source[1]}"
+    files = Counter(i.source[0] for i in body if kernel_file.search(i.source[0]))
+    if not files:
+        return ""
+    main = files.most_common(1)[0][0]
+    lines = [i.source[1] for i in body if i.source[0] == main]
+    return f"{os.path.basename(main)}:{min(lines)}-{max(lines)}"
+
+
+def innermost_loops(name: str, instrs: list[Instr], labels: dict[str, int],
+                    min_instructions: int = MIN_LOOP_INSTRUCTIONS) -> list[LoopCounts]:
     """Loops are backward branches; innermost ones contain no other loop. Returned: the innermost loops that
-    load the most global memory per iteration in this function (the row loops; head, tail and epilogue
-    loops load less)."""
+    load global memory, but for short ones (scalar head and tail loops of the CUDA row reader)."""
     loops = set()
     for ins in instrs:
         if ins.opcode.startswith("BRA"):
@@ -122,8 +148,7 @@ def innermost_loops(name: str, instrs: list[Instr], labels: dict[str, int]) -> l
     if not out and instrs:  # a kernel without a row loop (one tile per program): the whole kernel
         whole = _counts(name, instrs)
         return [whole] if whole.load_bytes else []
-    most = max((c.load_bytes for c in out), default=0)
-    return [c for c in out if c.load_bytes == most]
+    return [c for c in out if c.instructions >= min_instructions]
 
 
 def nvdisasm(cubin: bytes) -> str:
@@ -133,7 +158,7 @@ def nvdisasm(cubin: bytes) -> str:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        return subprocess.run([nvdisasm_path(), "-c", path], check=True, capture_output=True, text=True).stdout
+        return subprocess.run([nvdisasm_path(), "-c", "-g", path], check=True, capture_output=True, text=True).stdout
 
 
 def triton_loops(cap: int) -> list[tuple[str, LoopCounts, int]]:
@@ -170,7 +195,7 @@ def cuda_loops(cap: int) -> list[tuple[str, LoopCounts, int]]:
         for source in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
             cubin = os.path.join(d, source.stem + ".cubin")
             subprocess.run([nvcc, "-std=c++17", "-O3", f"-gencode=arch=compute_{arch[3:]},code={arch}",
-                            f"-I{ROOT / 'csrc'}", "-cubin", str(source), "-o", cubin], check=True)
+                            "-lineinfo", f"-I{ROOT / 'csrc'}", "-cubin", str(source), "-o", cubin], check=True)
             with open(cubin, "rb") as f:
                 functions = parse_functions(nvdisasm(f.read()))
             for name, (instrs, labels) in functions.items():
@@ -192,13 +217,13 @@ def table(rows: list[tuple[str, LoopCounts, int]]) -> str:
     hbm = ", ".join(f"{k} {v} GB/s" for k, v in HBM_GBS.items())
     lines = [f"Static SASS counts, innermost loops that load the row (per element of the row's dtype); ceilings "
              f"over {SMS} SMs at {CLOCK_HZ / 1e9:.2f} GHz; HBM: {hbm}. Not measured on a GPU.", "",
-             "| where | kernel | loop | instr | MUFU | SHFL | BAR | B loaded/thread | instr/elem | MUFU/elem "
+             "| launch | kernel | loop (source lines) | instr | MUFU | SHFL | BAR | B loaded/thread | instr/elem | MUFU/elem "
              "| issue-bound GB/s | MUFU-bound GB/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for where, loop, elem_bytes in rows:
         ipe, mpe = loop.per_element(elem_bytes)
         issue, mufu = ceilings(ipe, mpe, elem_bytes)
         kernel = loop.function if len(loop.function) < 60 else loop.function[:57] + "..."
-        lines.append(f"| {where} | `{kernel}` | {loop.start:#06x}-{loop.end:#06x} | {loop.instructions} | "
+        lines.append(f"| {where} | `{kernel}` | {loop.where or f'{loop.start:#06x}-{loop.end:#06x}'} | {loop.instructions} | "
                      f"{loop.mufu} | {loop.shfl} | {loop.bar} | {loop.load_bytes} | {ipe:.1f} | {mpe:.2f} | "
                      f"{issue:.0f} | {'-' if mufu == float('inf') else f'{mufu:.0f}'} |")
     return "\n".join(lines)

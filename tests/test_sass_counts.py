@@ -15,6 +15,7 @@ k:
         /*0050*/                   SHFL.BFLY PT, R10, R9, 0x1, 0x1f ;
         /*0060*/              @!P1 BRA `(.L_x_1) ;
 .L_x_2:
+	//## File "/repo/kernels/row.py", line 12
         /*0070*/                   LDG.E.U16 R4, desc[UR4][R2.64] ;
         /*0080*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
         /*0090*/               @P2 BRA `(.L_x_2) ;
@@ -31,8 +32,10 @@ def test_innermost_loading_loops_and_counts():
     assert labels == {".L_x_1": 0x10, ".L_x_0": 0x30, ".L_x_2": 0x70, ".L_x_3": 0xB0}
     # the 0x30 loop loads nothing; the 0x10-0x60 loop contains it, so it is not innermost: the innermost
     # loop that loads is the 2-byte one at 0x70 (a forward BRA is no loop)
-    (loop,) = innermost_loops("k", instrs, labels)
+    (loop,) = innermost_loops("k", instrs, labels, min_instructions=0)
     assert (loop.start, loop.end, loop.instructions, loop.load_bytes, loop.bar, loop.mufu) == (0x70, 0x90, 3, 2, 1, 0)
+    assert loop.where == "row.py:12"
+    assert innermost_loops("k", instrs, labels, min_instructions=4) == []
     assert loop.per_element(2) == (3.0, 0.0)
 
 
