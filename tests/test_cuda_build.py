@@ -65,6 +65,57 @@ def test_gumbel_noise_is_finite_and_accurate_at_the_extreme_uniforms(tmp_path, f
     assert worst > 0  # the probe really ran on the values above
 
 
+ROW_SPLIT_PROBE = r"""
+#include <cstdio>
+#include <cstdlib>
+#include <initializer_list>
+#include "cuda/row_loads.cuh"
+int main(int, char** argv) {  // address elem_size vocab head packs, for every case asked
+  const long max_vocab = std::strtol(argv[1], nullptr, 10);
+  for (long es : {1L, 2L, 4L, 8L})
+    for (unsigned long address = 4096; address < 4096 + 48; ++address)
+      for (long vocab = 0; vocab <= max_vocab; ++vocab) {
+        prefkern::cuda::RowSplit s = prefkern::cuda::row_split(address, vocab, es);
+        std::printf("%lu %ld %ld %ld %ld\n", address, es, vocab, (long)s.head, (long)s.packs);
+      }
+}
+"""
+
+
+def test_row_split_peels_the_head_and_covers_the_row_once(tmp_path):
+    """csrc/cuda/row_loads.cuh::row_split (compiled by g++ alone) against a Python model, for every
+    alignment and small vocab sizes: head scalars up to the first 16-byte boundary, 16-byte packs from an
+    aligned address, a tail shorter than a pack, every column read exactly once, vocab smaller than the head
+    included; a row not even element-aligned is read all scalar."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    src, exe = tmp_path / "split.cpp", tmp_path / "split"
+    src.write_text(ROW_SPLIT_PROBE)
+    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Werror", f"-I{CSRC}", str(src), "-o", str(exe)],
+                   check=True)
+    max_vocab = 80
+    out = subprocess.run([str(exe), str(max_vocab)], check=True, capture_output=True, text=True).stdout
+    rows = [tuple(map(int, line.split())) for line in out.split("\n") if line]
+    assert len(rows) == 4 * 48 * (max_vocab + 1)
+    for address, es, vocab, head, packs in rows:
+        vec = 16 // es
+        case = f"address {address}, {es}-byte elements, vocab {vocab}: head {head}, packs {packs}"
+        if address % es:
+            assert (head, packs) == (vocab, 0), case
+            continue
+        # model: the first column whose address is 16-byte aligned, then as many whole packs as fit
+        first = next(i for i in range(vec) if (address + i * es) % 16 == 0)
+        want_head = min(first, vocab)
+        want_packs = (vocab - want_head) // vec if vocab > first else 0
+        assert (head, packs) == (want_head, want_packs), case
+        body = range(head, head + packs * vec)
+        tail = range(head + packs * vec, vocab)
+        assert packs == 0 or (address + head * es) % 16 == 0, case
+        assert head < vec and (packs == 0 or len(tail) < vec), case
+        assert sorted([*range(head), *body, *tail]) == list(range(vocab)), case
+
+
 CUDA_SOURCES = sorted((CSRC / "cuda").glob("*.cu"))
 NVCC = shutil.which("nvcc")
 
