@@ -65,6 +65,87 @@ def test_gumbel_noise_is_finite_and_accurate_at_the_extreme_uniforms(tmp_path, f
     assert worst > 0  # the probe really ran on the values above
 
 
+NOISE_PROBE = r"""
+#include <cstdio>
+#include <vector>
+#include "cpu/sampling_rng.h"
+int main(int, char** argv) {  // w = -log(u) and the CPU noise for every u = (2k + 1) 2^-24, float32 binary
+  const int n = 1 << 23;
+  std::vector<float> w(n), g(n);
+  for (int k = 0; k < n; ++k) {
+    float u = static_cast<float>(2 * k + 1) * 5.9604644775390625e-8f;
+    w[k] = -prefkern::log_positive(u);
+    g[k] = prefkern::gumbel_from_uniform(u);
+  }
+  std::FILE* f = std::fopen(argv[1], "wb");
+  std::fwrite(w.data(), 4, n, f);
+  std::fwrite(g.data(), 4, n, f);
+  std::fclose(f);
+}
+"""
+
+LG2_APPROX_ABS_ERROR = 2.0**-22  # lg2.approx.f32, in log2 units (PTX ISA); sampling_gumbel_fast's outer log
+
+
+def sampling_constants():
+    text = (CSRC / "cuda" / "sampling.cu").read_text()
+    out = {}
+    for name in ("kGumbelExactMin", "kGumbelExactMax", "kGumbelError", "kGumbelMin", "kGumbelMax"):
+        m = re.search(rf"\b{name} = ([-+0-9.e]+)f?[,;]", text)
+        assert m, f"{name} not found in sampling.cu"
+        out[name] = float(m.group(1))
+    return out
+
+
+@pytest.mark.parametrize("flags", [["-O2"], ["-O3", "-march=x86-64-v3", "-ffp-contract=fast"]])
+def test_cuda_gumbel_noise_bounds_hold_for_every_uniform(tmp_path, flags):
+    """The CUDA kernels' noise -lg2.approx(w) ln 2 with w = -log_positive(u) (its host twin: w from the shared
+    header, the outer log exact plus lg2.approx's documented error, ln 2's float rounding and the product's
+    rounding), over all 2^23 uniforms: within kGumbelError of -log(-log u) in float64 and of the CPU noise,
+    inside [kGumbelMin, kGumbelMax], and those constants are the exact range widened by the error, rounded
+    outwards to float (the tightest floats that hold it). -ffp-contract=fast stands for nvcc's FMA contraction."""
+    np = pytest.importorskip("numpy")
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    if "-march=x86-64-v3" in flags and os.uname().machine != "x86_64":
+        pytest.skip("x86-64 only")
+    src, exe, out = tmp_path / "noise.cpp", tmp_path / "noise", tmp_path / "noise.bin"
+    src.write_text(NOISE_PROBE)
+    subprocess.run([cxx, "-std=c++17", *flags, f"-I{CSRC}", str(src), "-o", str(exe)], check=True)
+    subprocess.run([str(exe), str(out)], check=True)
+    n = 1 << 23
+    raw = np.fromfile(out, dtype=np.float32)
+    w, g_cpu = raw[:n].astype(np.float64), raw[n:].astype(np.float64)
+    u = (2 * np.arange(n, dtype=np.float64) + 1) * 2.0**-24
+    w_exact = -np.log1p(u - 1)  # u - 1 is exact in float64
+    g = -np.log(w_exact)
+    assert bool((np.diff(g) > 0).all())  # monotone: the range is [g(first u), g(last u)]
+
+    c = sampling_constants()
+    assert c["kGumbelError"] == 2.0**-19
+    assert c["kGumbelExactMin"] == pytest.approx(-math.log(24 * math.log(2)), rel=1e-15)
+    assert c["kGumbelExactMin"] == pytest.approx(g[0], rel=1e-15)
+    assert c["kGumbelExactMax"] == pytest.approx(g[-1], rel=1e-15)
+
+    # inner log: a few ulp of w, at most 2^-21 in log w (the comment in sampling_rng.h)
+    assert np.abs(np.log(w) - np.log(w_exact)).max() <= 2.0**-21
+    ln2, ln2_f = math.log(2), float(np.float32(math.log(2)))
+    twin = -np.log(w)
+    half_ulp = 0.5 * np.spacing(np.abs(twin).astype(np.float32)).astype(np.float64)
+    outer = ln2 * LG2_APPROX_ABS_ERROR + np.abs(np.log2(w)) * abs(ln2_f - ln2) + half_ulp
+    err = np.abs(twin - g) + outer
+    assert err.max() <= c["kGumbelError"], f"noise error {err.max():.3g} at g = {g[err.argmax()]:.6f}"
+    assert (np.abs(twin - g_cpu) + outer).max() <= c["kGumbelError"]  # CUDA noise vs the CPU's stream
+
+    lo, hi = (twin - outer).min(), (twin + outer).max()
+    g_min, g_max = np.float32(c["kGumbelMin"]), np.float32(c["kGumbelMax"])  # as the compiler rounds them
+    assert float(g_min) <= lo and float(g_max) >= hi
+    wide_lo, wide_hi = c["kGumbelExactMin"] - c["kGumbelError"], c["kGumbelExactMax"] + c["kGumbelError"]
+    assert float(g_min) <= wide_lo < float(np.nextafter(g_min, np.float32(0)))
+    assert float(np.nextafter(g_max, np.float32(0))) < wide_hi <= float(g_max)
+
+
 ROW_SPLIT_PROBE = r"""
 #include <cstdio>
 #include <cstdlib>
