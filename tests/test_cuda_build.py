@@ -84,7 +84,7 @@ int main(int, char** argv) {  // w = -log(u) and the CPU noise for every u = (2k
 }
 """
 
-LG2_APPROX_ABS_ERROR = 2.0**-22  # lg2.approx.f32, in log2 units (PTX ISA); sampling_gumbel_fast's outer log
+LG2_APPROX_ABS_ERROR = 2.0**-22  # lg2.approx.f32, in log2 units (PTX ISA); gumbel_fast_from_uniform's outer log
 
 
 def sampling_constants():
@@ -137,6 +137,15 @@ def test_cuda_gumbel_noise_bounds_hold_for_every_uniform(tmp_path, flags):
     err = np.abs(twin - g) + outer
     assert err.max() <= c["kGumbelError"], f"noise error {err.max():.3g} at g = {g[err.argmax()]:.6f}"
     assert (np.abs(twin - g_cpu) + outer).max() <= c["kGumbelError"]  # CUDA noise vs the CPU's stream
+
+    # draw_pack's second skip: no logs for an element when fl(1 - u) > w_c >= e^-y; its noise must be < y then
+    # (the kernel's w_c only errs upwards, which skips less: e^-y itself is the worst case)
+    t = (np.float32(1) - (2 * np.arange(n, dtype=np.float32) + 1) * np.float32(2.0**-24)).astype(np.float64)
+    assert bool((t[: n // 2] == 1 - u[: n // 2]).all())  # the uniforms are exact in float32
+    for y in np.linspace(-4.0, 17.0, 64):
+        skipped = t > math.exp(-y)
+        if skipped.any():
+            assert g[skipped].max() < y and (twin + outer)[skipped].max() < y + c["kGumbelError"], y
 
     lo, hi = (twin - outer).min(), (twin + outer).max()
     g_min, g_max = np.float32(c["kGumbelMin"]), np.float32(c["kGumbelMax"])  # as the compiler rounds them

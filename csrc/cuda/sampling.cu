@@ -55,7 +55,7 @@ __device__ __forceinline__ Best better(Best a, Best b) {
   return a;
 }
 
-// The noise of the CUDA kernels (sampling_gumbel_fast) is within kGumbelError = 2^-19 of g(u) = -log(-log u),
+// The noise of the CUDA kernels (gumbel_fast_from_uniform) is within kGumbelError = 2^-19 of g(u) = -log(-log u),
 // and g over u = (2k + 1) 2^-24 spans [-log(24 ln 2), -log(-log(1 - 2^-24))]; widened by the error and rounded
 // outwards to float, that gives [kGumbelMin, kGumbelMax] (tests/test_cuda_build.py checks all of it against
 // float64). An element with z + kGumbelMax < the best key so far cannot win: its key z + g, rounded once (FMA)
@@ -79,18 +79,28 @@ __device__ __forceinline__ float warp_best_key(float key) {
   return fmaxf(from_ordered(__reduce_max_sync(__activemask(), ordered(key))), -FLT_MAX);
 }
 
-// Gumbel-max over one pack: the noise only for elements that can still beat `bar` (the warp's best key), so
-// a pack that no lane of the warp can win costs one compare. Results are those of drawing every element:
-// z + kGumbelMax < bar implies z + g < bar, strictly, so no tie with a lower column is lost either.
+// Gumbel-max over one pack, computing the noise only where it can matter. (1) An element with
+// z + kGumbelMax < bar (the warp's best key) cannot win: the pack, then the element, is skipped before hashing.
+// (2) Else its uniform u is hashed, and the two logs are skipped when even its noise cannot lift the pack's
+// max pm to bar: g(u) < y = bar - pm - margin holds when 1 - u > e^-y, as -log u >= 1 - u. The margin (2^-6
+// plus the rounding of bar - pm and of the key) covers the noise's error (kGumbelError) and the fast e^-y
+// (a few ulp; w_c is widened by 2^-10, and a w_c flushed to 0 stands for e^-y < 2^-126 < 1 - u). With
+// z <= pm a skipped key z + g stays below bar by more than its rounding: the draw is that of every element,
+// ties to the lowest column included.
 template <int N>
 __device__ __forceinline__ void draw_pack(Best& best, const float (&z)[N], float pm, int64_t v0, uint32_t key,
                                           float bar) {
   if (!(pm + kGumbelMax >= bar)) return;
+  const float y = (bar - pm) - (0x1p-6f + 0x1p-20f * (fabsf(bar) + fabsf(pm)));
+  const float w_c = exp_term(-y) * (1.f + 0x1p-10f);  // >= e^-y; +inf (never skip) when y < -88
 #pragma unroll
   for (int j = 0; j < N; ++j) {
     if (z[j] + kGumbelMax >= bar) {
-      const float gk = z[j] + sampling_gumbel_fast(key, static_cast<uint32_t>(v0 + j));
-      if (gk > best.key) best = Best{gk, v0 + j, z[j]};
+      const float u = sampling_uniform(key, static_cast<uint32_t>(v0 + j));
+      if (!(1.f - u > w_c)) {
+        const float gk = z[j] + gumbel_fast_from_uniform(u);
+        if (gk > best.key) best = Best{gk, v0 + j, z[j]};
+      }
     }
   }
 }
