@@ -51,9 +51,9 @@ __global__ void __launch_bounds__(kThreads) logprobs_forward_kernel(
       for (int j = 0; j < kN; ++j) acc.s = z[j] != z[j] ? z[j] : acc.s;
       return;
     }
-    float s = acc.s * __expf(acc.m - m);  // 0 while acc.m is -inf; NaN stays NaN
+    float s = acc.s * exp_term(acc.m - m);  // 0 while acc.m is -inf; NaN stays NaN
 #pragma unroll
-    for (int j = 0; j < kN; ++j) s += __expf(z[j] - m);
+    for (int j = 0; j < kN; ++j) s += exp_term(z[j] - m);
     acc = MaxSum{m, s};
   });
   acc = block_merge(acc);
