@@ -51,9 +51,9 @@ __global__ void __launch_bounds__(kThreads) logprobs_forward_kernel(
       for (int j = 0; j < kN; ++j) acc.s = z[j] != z[j] ? z[j] : acc.s;
       return;
     }
-    float s = acc.s * __expf(acc.m - m);  // 0 while acc.m is -inf; NaN stays NaN
+    float s = acc.s * exp_term(acc.m - m);  // 0 while acc.m is -inf; NaN stays NaN
 #pragma unroll
-    for (int j = 0; j < kN; ++j) s += __expf(z[j] - m);
+    for (int j = 0; j < kN; ++j) s += exp_term(z[j] - m);
     acc = MaxSum{m, s};
   });
   acc = block_merge(acc);
@@ -69,25 +69,59 @@ __global__ void __launch_bounds__(kThreads) logprobs_forward_kernel(
 }
 
 // out may be logits itself (the chunked linear_logprobs backward works in place): no __restrict__ on
-// either; each element is read before the same thread writes it.
+// either, plain loads (no __ldg), and each element is read before the same thread writes it. The chunk is read
+// in 16-byte packs after a scalar head up to the first 16-byte boundary; out is written in packs too when it
+// has the same alignment as the row (always when in place), else element by element.
 template <class T>
 __global__ void __launch_bounds__(kThreads) logprobs_backward_kernel(
     const float* __restrict__ grad, const T* logits, int64_t vocab, int64_t row_stride,
     const int64_t* __restrict__ labels, int64_t ignore_index, float scale,
     const float* __restrict__ lse_parts, T* out, int64_t out_stride, int64_t chunks_per_row) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kUnroll = 2;
   const int64_t n = blockIdx.x / chunks_per_row;
   const int64_t v0 = (blockIdx.x % chunks_per_row) * kBackwardChunk;
   const int64_t v1 = min(vocab, v0 + kBackwardChunk);
   const int64_t y = labels[n];
   const float gs = y == ignore_index ? 0.f : grad[n] * scale;
   const float m = lse_parts[2 * n], log_s = lse_parts[2 * n + 1];
-  const T* row = logits + n * row_stride;
-  T* orow = out + n * out_stride;
-  for (int64_t v = v0 + threadIdx.x; v < v1; v += kThreads) {
-    // z rounded as in the forward's max and sum (no FMA), then (z - m) - log s: exact to p's own rounding
-    float p = gs == 0.f ? 0.f : __expf((__fmul_rn(to_float(row[v]), scale) - m) - log_s);
-    orow[v] = from_float<T>(gs * ((v == y ? 1.f : 0.f) - p));
+  const T* row = logits + n * row_stride + v0;
+  T* orow = out + n * out_stride + v0;
+  const int64_t yc = y - v0;  // the label's column in this chunk
+  // z rounded as in the forward's max and sum (no FMA), then (z - m) - log s: exact to p's own rounding
+  auto dz = [&](int64_t v, float x) {
+    float p = gs == 0.f ? 0.f : __expf((__fmul_rn(x, scale) - m) - log_s);
+    return gs * ((v == yc ? 1.f : 0.f) - p);
+  };
+  const RowSplit split = row_split(reinterpret_cast<uintptr_t>(row), v1 - v0, sizeof(T));
+  const bool packed_out = ((reinterpret_cast<uintptr_t>(orow) ^ reinterpret_cast<uintptr_t>(row)) & 15) == 0;
+  for (int64_t v = threadIdx.x; v < split.head; v += kThreads) orow[v] = from_float<T>(dz(v, to_float(row[v])));
+  const uint4* src = reinterpret_cast<const uint4*>(row + split.head);
+  for (int64_t i0 = threadIdx.x; i0 < split.packs; i0 += int64_t(kThreads) * kUnroll) {
+    uint4 pack[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (i0 + u * kThreads < split.packs) pack[u] = src[i0 + u * kThreads];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = i0 + u * kThreads;
+      if (i >= split.packs) break;
+      const int64_t c0 = split.head + i * kVec;
+      const T* e = reinterpret_cast<const T*>(&pack[u]);
+      uint4 res;
+      T* r = reinterpret_cast<T*>(&res);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) r[j] = from_float<T>(dz(c0 + j, to_float(e[j])));
+      if (packed_out) {
+        *reinterpret_cast<uint4*>(orow + c0) = res;
+      } else {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) orow[c0 + j] = r[j];
+      }
+    }
   }
+  for (int64_t v = split.head + split.packs * kVec + threadIdx.x; v < v1 - v0; v += kThreads)
+    orow[v] = from_float<T>(dz(v, to_float(row[v])));
 }
 
 const char* status(cudaError_t err) { return err == cudaSuccess ? nullptr : cudaGetErrorString(err); }
