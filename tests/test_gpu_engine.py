@@ -101,3 +101,23 @@ def test_logit_transform_on_the_gpu(opts):
     out = prefkern.linear_logprobs(hidden, weight, labels, **opts)
     expect = prefkern.linear_logprobs(hidden.cpu(), weight.cpu(), labels.cpu(), backend="torch", **opts)
     torch.testing.assert_close(out.cpu(), expect, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["eager", "stream"])
+@pytest.mark.parametrize("v", [1000, 1001])
+def test_return_stats_on_the_gpu(mode, v):
+    """Row statistics from the one-read Triton kernel (odd V: peeled rows) against float64 on the same logits."""
+    hidden, weight, labels, ref = pair_batch("cuda", torch.bfloat16, v=v)
+    out = prefkern.FusedLinearPreferenceLoss("sigmoid", mode=mode, return_stats=True)(
+        hidden.requires_grad_(), weight.requires_grad_(), labels, ref_logps=ref)
+    out.loss.backward()
+    x, w = hidden.detach().double().reshape(-1, hidden.shape[-1]), weight.detach().double()
+    logq = torch.log_softmax(x @ w.t(), -1)
+    p = logq.exp()
+    scored = (labels != -100).reshape(-1)
+    expect = {"entropy": -(p * logq).sum(-1), "log_sum_p2": torch.log((p * p).sum(-1))}
+    for name, value in expect.items():
+        got = getattr(out.token_stats, name).reshape(-1)
+        assert torch.all(got[~scored] == 0)
+        # the GEMM runs in bf16 with fp32 accumulation: the statistics carry the logits' fp32 rounding
+        torch.testing.assert_close(got[scored].double(), value[scored], atol=1e-3, rtol=1e-3, msg=name)

@@ -32,6 +32,34 @@ __device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
   return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
 }
 
+// z[j] = x[j] * scale rounded once (__fmul_rn: never contracted into an FMA, so that every later use of z, such
+// as z_y - m, sees the same value); returns the pack's max (fmaxf drops NaN).
+template <int N>
+__device__ __forceinline__ float scale_pack(const float (&x)[N], float scale, float (&z)[N]) {
+  float pm = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < N; ++j) z[j] = __fmul_rn(x[j], scale), pm = fmaxf(pm, z[j]);
+  return pm;
+}
+
+// Adds a pack of scaled logits z (max pm) to an online log-sum-exp: one rescale of the running sum, then the
+// exps, no branch per element. False while every value so far is -inf (exp(-inf - -inf) would be NaN): the sum
+// then only keeps a NaN. A NaN z reaches the sum through its exp.
+template <int N>
+__device__ __forceinline__ bool add_pack(MaxSum& acc, const float (&z)[N], float pm) {
+  const float m = fmaxf(acc.m, pm);
+  if (m == -INFINITY) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) acc.s = z[j] != z[j] ? z[j] : acc.s;
+    return false;
+  }
+  float s = acc.s * exp_term(acc.m - m);  // 0 while acc.m is -inf; NaN stays NaN
+#pragma unroll
+  for (int j = 0; j < N; ++j) s += exp_term(z[j] - m);
+  acc = MaxSum{m, s};
+  return true;
+}
+
 }  // namespace prefkern::cuda
 
 // Used in host functions that return an error string; the bindings reject unknown codes before this.

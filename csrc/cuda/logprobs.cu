@@ -38,23 +38,9 @@ __global__ void __launch_bounds__(kThreads) logprobs_forward_kernel(
   const T* row = logits + n * row_stride;
   MaxSum acc{-INFINITY, 0.f};
   // Per 16-byte pack: its max, one rescale of the running sum, then the exps (no branch per element).
-  // __fmul_rn: z rounded once, never contracted into an FMA, so that z_y - m below sees the same z.
   for_row_packs<kThreads>(row, vocab, [&](int64_t, const auto& x) {
-    constexpr int kN = sizeof(x) / sizeof(float);
-    float z[kN];
-    float pm = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < kN; ++j) z[j] = __fmul_rn(x[j], scale), pm = fmaxf(pm, z[j]);
-    const float m = fmaxf(acc.m, pm);  // fmaxf drops NaN: a NaN z reaches s through its exp
-    if (m == -INFINITY) {  // all -inf so far: exp(-inf - -inf) would be NaN; keep only a NaN
-#pragma unroll
-      for (int j = 0; j < kN; ++j) acc.s = z[j] != z[j] ? z[j] : acc.s;
-      return;
-    }
-    float s = acc.s * exp_term(acc.m - m);  // 0 while acc.m is -inf; NaN stays NaN
-#pragma unroll
-    for (int j = 0; j < kN; ++j) s += exp_term(z[j] - m);
-    acc = MaxSum{m, s};
+    float z[sizeof(x) / sizeof(float)];
+    add_pack(acc, z, scale_pack(x, scale, z));
   });
   acc = block_merge(acc);
   if (threadIdx.x == 0) {

@@ -213,21 +213,9 @@ __global__ void __launch_bounds__(kThreads, FILTERED ? 1 : 2) sample_kernel(
     } else {
       // Per 16-byte pack: its max, one rescale of the running sum, the exps, then the draw (warp's best shared)
       for_row_packs<kThreads>(row, vocab, [&](int64_t v0, const auto& x) {
-        constexpr int kN = sizeof(x) / sizeof(float);
-        float z[kN];
-        float pm = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < kN; ++j) z[j] = __fmul_rn(x[j], inv_t), pm = fmaxf(pm, z[j]);
-        const float m = fmaxf(acc.m, pm);  // fmaxf drops NaN: a NaN z reaches s through its exp
-        if (m == -INFINITY) {  // all -inf so far: keep only a NaN; nothing to draw
-#pragma unroll
-          for (int j = 0; j < kN; ++j) acc.s = z[j] != z[j] ? z[j] : acc.s;
-          return;
-        }
-        float s = acc.s * exp_term(acc.m - m);
-#pragma unroll
-        for (int j = 0; j < kN; ++j) s += exp_term(z[j] - m);
-        acc = MaxSum{m, s};
+        float z[sizeof(x) / sizeof(float)];
+        const float pm = scale_pack(x, inv_t, z);
+        if (!add_pack(acc, z, pm)) return;  // every logit -inf so far: nothing to draw
         draw_pack(best, z, pm, v0, key, warp_best_key(best.key));
       });
     }
@@ -264,9 +252,7 @@ __global__ void __launch_bounds__(kThreads, FILTERED ? 1 : 2) sample_kernel(
     for_row_packs<kThreads>(row, vocab, [&](int64_t v0, const auto& x) {
       constexpr int kN = sizeof(x) / sizeof(float);
       float z[kN];
-      float pm = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < kN; ++j) z[j] = __fmul_rn(x[j], inv_t), pm = fmaxf(pm, z[j]);
+      const float pm = scale_pack(x, inv_t, z);
       if (!(pm >= t)) return;
       float zk[kN];
 #pragma unroll
