@@ -139,7 +139,7 @@ def ensemble_head_forward(
         b, h, k, hidden.stride(0), hidden.stride(1), weight.stride(0), lam, 1.0 / (k - ddof),
         METHOD=method, HAS_BIAS=bias is not None, HAS_NORM=mu is not None,
         DOT_IN_FP32=hidden.dtype == torch.float32 or triton_interpreting(),
-        BLOCK_N=16, BLOCK_K=block_k, BLOCK_H=block_h, num_warps=4,
+        BLOCK_N=16, BLOCK_K=block_k, BLOCK_H=block_h, num_warps=4, enable_fp_fusion=True,
     )
     return scores, combined, mean, var
 
@@ -160,6 +160,7 @@ def ensemble_reduce(
         scores, combined if mu is None else mu, combined if sigma is None else sigma, combined, mean, var,
         n, k, scores.stride(0), lam, 1.0 / (k - ddof),
         METHOD=method, HAS_NORM=mu is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        enable_fp_fusion=True,
     )
     return combined, mean, var
 

@@ -159,10 +159,10 @@ def launch_config(dtype: torch.dtype, on_gpu: bool) -> dict:
     inputs keep full fp32 products (TF32 would change the numbers), half inputs use tensor cores."""
     if not on_gpu:
         return {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16, "DOT_PRECISION": "ieee", "UPCAST": True,
-                "num_warps": 4, "num_stages": 1}
+                "num_warps": 4, "num_stages": 1, "enable_fp_fusion": True}
     return {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64,
             "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", "UPCAST": False,
-            "num_warps": 8, "num_stages": 3}
+            "num_warps": 8, "num_stages": 3, "enable_fp_fusion": True}
 
 
 def _sm_count(device: torch.device) -> int:

@@ -154,8 +154,9 @@ def forward_config(vocab: int) -> dict:
 
 
 def backward_config(vocab: int) -> dict:
-    """Meta-parameters of the backward launch (grid: rows x cdiv(vocab, BLOCK_V))."""
-    return {"BLOCK_V": min(_block_v(vocab), 2048), "num_warps": 4}
+    """Meta-parameters of the backward launch (grid: rows x cdiv(vocab, BLOCK_V)). No FMA contraction: z is
+    rounded as in the forward's max and sum before ``- m``."""
+    return {"BLOCK_V": min(_block_v(vocab), 2048), "num_warps": 4, "enable_fp_fusion": False}
 
 
 def logprobs_forward(
