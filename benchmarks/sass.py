@@ -217,13 +217,14 @@ def table(rows: list[tuple[str, LoopCounts, int]]) -> str:
     hbm = ", ".join(f"{k} {v} GB/s" for k, v in HBM_GBS.items())
     lines = [f"Static SASS counts, innermost loops that load the row (per element of the row's dtype); ceilings "
              f"over {SMS} SMs at {CLOCK_HZ / 1e9:.2f} GHz; HBM: {hbm}. Not measured on a GPU.", "",
-             "| launch | kernel | loop (source lines) | instr | MUFU | SHFL | BAR | B loaded/thread | instr/elem | MUFU/elem "
-             "| issue-bound GB/s | MUFU-bound GB/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| launch | kernel | loop (source lines) | instr | MUFU | SHFL | BAR | B loaded/thread | instr/elem "
+             "| MUFU/elem | issue-bound GB/s | MUFU-bound GB/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for where, loop, elem_bytes in rows:
         ipe, mpe = loop.per_element(elem_bytes)
         issue, mufu = ceilings(ipe, mpe, elem_bytes)
         kernel = loop.function if len(loop.function) < 60 else loop.function[:57] + "..."
-        lines.append(f"| {where} | `{kernel}` | {loop.where or f'{loop.start:#06x}-{loop.end:#06x}'} | {loop.instructions} | "
+        span = loop.where or f"{loop.start:#06x}-{loop.end:#06x}"
+        lines.append(f"| {where} | `{kernel}` | {span} | {loop.instructions} | "
                      f"{loop.mufu} | {loop.shfl} | {loop.bar} | {loop.load_bytes} | {ipe:.1f} | {mpe:.2f} | "
                      f"{issue:.0f} | {'-' if mufu == float('inf') else f'{mufu:.0f}'} |")
     return "\n".join(lines)

@@ -92,11 +92,12 @@ PREFKERN_HD float sampling_gumbel(uint32_t key, uint32_t column) {
 }
 
 #if defined(__CUDACC__)  // device-only: nvcc's host pass sees a __device__ declaration, g++ nothing
-// The CUDA kernels' noise from sampling_uniform's u: the same stream, with the outer log on the hardware's lg2.approx. Its argument
-// w = -log(u) lies in [6e-8, 16.7], where only the absolute error of the noise matters: lg2.approx's absolute
-// error (at most 2^-22 in log2, PTX ISA) times ln 2, the rounding of the product (half an ulp of |g| < 16.7,
-// at most 2^-20) and the inner log's few ulp of w (at most 2^-21 in log w) keep |noise - g(u)| below 2^-19
-// (kGumbelError in sampling.cu; tests/test_cuda_build.py holds the host twin against float64).
+// The CUDA kernels' noise from sampling_uniform's u: the same stream, with the outer log on the hardware's
+// lg2.approx. Its argument w = -log(u) lies in [6e-8, 16.7], where only the absolute error of the noise
+// matters: lg2.approx's absolute error (at most 2^-22 in log2, PTX ISA) times ln 2, the rounding of the
+// product (half an ulp of |g| < 16.7, at most 2^-20) and the inner log's few ulp of w (at most 2^-21 in log w)
+// keep |noise - g(u)| below 2^-19 (kGumbelError in sampling.cu; tests/test_cuda_build.py holds the host twin
+// against float64).
 __device__ __forceinline__ float gumbel_fast_from_uniform(float u) {
   const float w = -log_positive(u);
   float log2_w;
