@@ -73,7 +73,7 @@ def row_stats(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, row_scal
     place (about four reads of the logits)."""
     k, v = z.shape
     out = torch.empty((k, len(STATS)), dtype=torch.float32, device=z.device)
-    kernel = _row_stats_kernel(backend, z)
+    kernel = _row_stats_route(backend, z)
     if kernel == "native":
         native_module().row_stats_cpu(z.data_ptr(), dtype_code(z), k, v, z.stride(0), labels.data_ptr(), ignore_index,
                                       row_scale, lse.data_ptr(), out.data_ptr())
@@ -98,7 +98,7 @@ def row_stats(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, row_scal
     return out.masked_fill_((labels == ignore_index).unsqueeze(-1), 0.0)
 
 
-def _row_stats_kernel(backend: str, z: torch.Tensor) -> Optional[str]:
+def _row_stats_route(backend: str, z: torch.Tensor) -> Optional[str]:
     """``"native"``, ``"triton"`` or None (torch ops) for :func:`row_stats` on ``z``."""
     if not values_readable(z) or z.stride(-1) != 1 or z.dtype != torch.float32:
         return None
